@@ -1,0 +1,150 @@
+"""Top-k MLP vs dense ReLU MLP, measured side by side in one run.
+
+Prints two tables and writes them as JSON:
+- training: forward+backward of one MLP block, Top-k (each method) over the
+  dense ReLU MLP, in tf.function and jit_compile=True modes;
+- inference: forward of the gathered path (`implementation="gather"`) and
+  the masked path over the dense MLP, at several batch sizes.
+
+Cases are interleaved repeat by repeat, so a slow moment of this shared
+machine hits them all alike; ratios use medians. Sparsity tracking is off in
+every case: this measures the Top-k and gather costs alone.
+
+Usage:
+  python benchmarks/topk_mlp.py                      # d=768, hidden 3072, k=64
+  python benchmarks/topk_mlp.py --k=32 --d_model=512 --hidden=2048
+"""
+
+import argparse
+import json
+import os
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from topk_sparse import SparseMLP  # noqa: E402
+
+# Each case is its own tf.function by design: silence the retracing warning.
+tf.get_logger().setLevel("ERROR")
+
+
+def _mlp(args, **kwargs):
+    layer = SparseMLP(args.hidden, track_sparsity=False, **kwargs)
+    layer.build((None, args.d_model))
+    return layer
+
+
+def _train_step(layer, x, jit):
+    @tf.function(jit_compile=jit)
+    def step():
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean(tf.square(layer(x)))
+        return tape.gradient(loss, layer.trainable_weights)
+    return step
+
+
+def _forward(layer, x, jit):
+    return tf.function(lambda: layer(x), jit_compile=jit)
+
+
+def _measure(cases, repeats):
+    """Runs each case once to compile, then `repeats` interleaved rounds."""
+    for fn in cases.values():
+        tf.nest.map_structure(lambda t: t.numpy(), fn())
+    times = {name: [] for name in cases}
+    for _ in range(repeats):
+        for name, fn in cases.items():
+            start = time.perf_counter()
+            tf.nest.map_structure(lambda t: t.numpy(), fn())
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def _rows(times, baseline):
+    base = np.median(times[baseline])
+    return [{"case": name, "min_ms": 1e3 * min(t),
+             "median_ms": 1e3 * float(np.median(t)),
+             "ratio": float(np.median(t) / base)}
+            for name, t in times.items()]
+
+
+def training_table(args):
+    x = tf.random.stateless_normal([args.tokens, args.d_model], seed=[0, 0])
+    dense = _mlp(args, k=None)
+    rows = []
+    for jit in (False, True):
+        cases = {"dense relu": _train_step(dense, x, jit)}
+        for method in args.methods:
+            layer = _mlp(args, k=args.k, method=method)
+            layer.set_weights(dense.get_weights())
+            cases[f"top-{args.k} {method}"] = _train_step(layer, x, jit)
+        mode = "jit_compile" if jit else "tf.function"
+        rows += [{"mode": mode, **row} for row in
+                 _rows(_measure(cases, args.repeats), "dense relu")]
+    return rows
+
+
+def inference_table(args):
+    dense = _mlp(args, k=None)
+    masked = _mlp(args, k=args.k)
+    gather = _mlp(args, k=args.k, implementation="gather")
+    for layer in (masked, gather):
+        layer.set_weights(dense.get_weights())
+    rows = []
+    for batch in args.batches:
+        x = tf.random.stateless_normal([batch, args.d_model], seed=[1, batch])
+        for jit in (False, True):
+            cases = {"dense relu": _forward(dense, x, jit),
+                     f"top-{args.k} masked": _forward(masked, x, jit),
+                     f"top-{args.k} gather": _forward(gather, x, jit)}
+            mode = "jit_compile" if jit else "tf.function"
+            rows += [{"batch": batch, "mode": mode, **row} for row in
+                     _rows(_measure(cases, args.repeats), "dense relu")]
+    return rows
+
+
+def _print(title, rows, keys):
+    print(f"\n{title}")
+    header = keys + ["min_ms", "median_ms", "ratio"]
+    print(" | ".join(header))
+    print(" | ".join("---" for _ in header))
+    for row in rows:
+        print(" | ".join(
+            f"{row[k]:.3f}" if k == "ratio" else
+            f"{row[k]:.1f}" if k.endswith("_ms") else str(row[k])
+            for k in header))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--d_model", type=int, default=768)
+    parser.add_argument("--hidden", type=int, default=3072)
+    parser.add_argument("--k", type=int, default=64)
+    parser.add_argument("--tokens", type=int, default=2048,
+                        help="tokens per training step")
+    parser.add_argument("--batches", type=int, nargs="+",
+                        default=[1, 16, 128, 2048])
+    parser.add_argument("--methods", nargs="+", default=["exact", "approx"])
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--json", default="benchmarks/topk_mlp.json")
+    args = parser.parse_args()
+
+    result = {"args": vars(args), "tensorflow": tf.__version__,
+              "cpu_count": os.cpu_count()}
+    result["training"] = training_table(args)
+    _print(f"Training step (fwd+bwd), {args.tokens} tokens, d={args.d_model}, "
+           f"hidden={args.hidden}: time / dense", result["training"],
+           ["mode", "case"])
+    result["inference"] = inference_table(args)
+    _print("Inference (forward): time / dense", result["inference"],
+           ["batch", "mode", "case"])
+    with open(args.json, "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"\nwrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

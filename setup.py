@@ -1,0 +1,38 @@
+"""topk_sparse: Top-k sparse Transformer MLPs for TensorFlow / Keras 3."""
+
+from setuptools import find_packages, setup
+
+# TensorFlow comes through an extra, never as a hard requirement: TPU VMs run
+# the `tensorflow-tpu` distribution, and a plain `tensorflow` requirement
+# would install a second TensorFlow over it. 2.20 is the newest release with
+# a TPU wheel and the one tf-models-official 2.20 pins.
+TENSORFLOW = {
+    "cpu": ["tensorflow-cpu~=2.20.0"],
+    "gpu": ["tensorflow[and-cuda]~=2.20.0"],
+    "tpu": ["tensorflow-tpu~=2.20.0"],
+}
+
+setup(
+    name="topk_sparse",
+    version="0.1.0",
+    description="Top-k sparse Transformer MLPs (The Lazy Neuron Phenomenon) "
+                "for TensorFlow / Keras 3, TPU-first.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["topk_sparse", "topk_sparse.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "keras>=3.10,<4",
+        # TensorFlow 2.21 no longer installs TensorBoard, and tf.summary
+        # raises without it.
+        "tensorboard>=2.20",
+        "numpy>=1.26",
+        "absl-py>=2.1",
+        "ml-collections>=1.0",
+    ],
+    extras_require={
+        **TENSORFLOW,
+        "test": ["pytest>=8", "hypothesis>=6.100"],
+    },
+    license="Apache-2.0",
+)

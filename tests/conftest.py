@@ -1,0 +1,3 @@
+"""Test session setup: two logical CPUs, before TensorFlow starts."""
+
+import tests.devices  # noqa: F401

@@ -1,0 +1,133 @@
+"""TopKActivation and SparseMLP: the layer checks, equivalence of the masked
+and gathered paths, the exposed sparsity, and argument validation."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import topk_sparse
+from tests.layer_checks import _compile, _data, _model, check_layer
+from topk_sparse import SparseMLP, TopKActivation
+from tests.test_ops import reference_topk_mask
+
+
+@pytest.mark.parametrize("method", ["exact", "approx", "auto"])
+def test_topk_activation(method, tmp_path):
+    kwargs = {"k": 3, "method": method}
+    mirrored, history = check_layer(TopKActivation, kwargs, (5, 12), (5, 12),
+                                    0, tmp_path)
+    # The layer's nonzero fraction reaches the History, under MirroredStrategy.
+    fraction = history.history["under_test/nonzero_fraction"][0]
+    assert 0 < fraction <= 3 / 12
+    sparsity = mirrored.get_layer("under_test").sparsity
+    assert float(sparsity.token_count.numpy()) == 10 * 5
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"k": None},
+    {"k": 4, "method": "exact"},
+    {"k": 4, "method": "approx", "recall_target": 0.9},
+    {"k": 4, "implementation": "gather"},
+    {"k": 4, "output_dim": 6, "use_bias": False},
+], ids=["dense", "exact", "approx", "gather", "no_bias"])
+def test_sparse_mlp(kwargs, tmp_path):
+    kwargs = {"hidden_dim": 16, **kwargs}
+    out_dim = kwargs.get("output_dim", 8)
+    weights = 4 if kwargs.get("use_bias", True) else 2
+    mirrored, history = check_layer(SparseMLP, kwargs, (5, 8), (5, out_dim),
+                                    weights, tmp_path)
+    fraction = history.history["under_test/nonzero_fraction"][0]
+    assert 0 < fraction <= (kwargs["k"] or 16) / 16
+    assert float(mirrored.get_layer("under_test").sparsity.token_count.numpy()) \
+        == 10 * 5
+
+
+def test_masked_and_gather_paths_agree():
+    x = np.random.default_rng(1).normal(size=(3, 7, 32)).astype("float32")
+    masked = SparseMLP(128, k=9, implementation="masked")
+    gather = SparseMLP.from_config(
+        {**masked.get_config(), "implementation": "gather"})
+    masked.build(x.shape)
+    gather.build(x.shape)
+    gather.set_weights(masked.get_weights())
+    np.testing.assert_allclose(gather(x), masked(x), rtol=1e-5, atol=1e-5)
+    assert float(gather.sparsity.result()) == float(masked.sparsity.result())
+    np.testing.assert_array_equal(gather.sparsity.neuron_fire_count.numpy(),
+                                  masked.sparsity.neuron_fire_count.numpy())
+    # Gradients agree too.
+    grads = []
+    for layer in (masked, gather):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(layer(x) ** 2)
+        grads.append([tf.convert_to_tensor(g).numpy()
+                      for g in tape.gradient(loss, layer.trainable_weights)])
+    for a, b in zip(*grads):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_sparse_mlp_matches_reference():
+    x = np.random.default_rng(2).normal(size=(4, 16)).astype("float32")
+    mlp = SparseMLP(64, k=5, method="exact")
+    out = mlp(x).numpy()
+    w1, b1, w2, b2 = (w.numpy() for w in (
+        mlp.intermediate_kernel, mlp.intermediate_bias, mlp.output_kernel,
+        mlp.output_bias))
+    expected = reference_topk_mask(x @ w1 + b1, 5) @ w2 + b2
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+    nonzero = (reference_topk_mask(x @ w1 + b1, 5) > 0).mean()
+    assert float(mlp.sparsity.result()) == pytest.approx(nonzero)
+
+
+def test_sparsity_metric_accumulates_and_resets():
+    mlp = SparseMLP(8, k=None)
+    x = np.random.default_rng(3).normal(size=(6, 4)).astype("float32")
+    mlp(x)
+    mlp(x[:2])
+    assert float(mlp.sparsity.token_count.numpy()) == 8
+    mlp.sparsity.reset_state()
+    assert float(mlp.sparsity.result()) == 0.0
+    assert SparseMLP(8, track_sparsity=False).get_config()["track_sparsity"] \
+        is False
+
+
+def test_untracked_layer_has_no_metric():
+    model = _compile(_model(SparseMLP, {"hidden_dim": 8, "k": 2,
+                                        "track_sparsity": False}, (3, 4)))
+    x, y = _data((3, 4))
+    history = model.fit(x, y, epochs=1, verbose=0)
+    assert list(history.history) == ["loss"]
+
+
+def test_top_level_exports():
+    assert topk_sparse.TopKActivation is TopKActivation
+    assert topk_sparse.SparseMLP is SparseMLP
+    assert topk_sparse.ops.topk_mask is not None
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    ({"hidden_dim": 8, "k": 9}, ValueError, "larger than"),
+    ({"hidden_dim": 8, "k": 0}, ValueError, "positive int"),
+    ({"hidden_dim": 0}, ValueError, "hidden_dim"),
+    ({"hidden_dim": 8, "method": "topk"}, ValueError, "Unknown method"),
+    ({"hidden_dim": 8, "implementation": "sparse"}, ValueError,
+     "Unknown implementation"),
+    ({"hidden_dim": 8, "recall_target": 0.0}, ValueError, "recall_target"),
+    ({"hidden_dim": 8, "output_dim": -1}, ValueError, "output_dim"),
+])
+def test_sparse_mlp_bad_arguments(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        SparseMLP(**kwargs)
+
+
+def test_bad_inputs_fail_at_build():
+    with pytest.raises(ValueError, match="larger than"):
+        TopKActivation(k=5)(keras.Input((3, 4)))
+    with pytest.raises(ValueError, match="known last dimension"):
+        TopKActivation(k=2).build((None, None))
+    with pytest.raises(ValueError, match="rank >= 2"):
+        SparseMLP(8).build((4,))
+    with pytest.raises(TypeError, match="floating-point"):
+        SparseMLP(8, k=2)(np.ones((2, 4), "int32"))
+    with pytest.raises(TypeError, match="floating-point"):
+        TopKActivation(k=2)(np.ones((2, 4), "int32"))

@@ -1,0 +1,14 @@
+"""topk_sparse: Top-k sparse Transformer MLPs for TensorFlow / Keras 3.
+
+Layers that keep, per token, only the `k` largest MLP activations
+(*The Lazy Neuron Phenomenon*, arXiv 2210.06313), with TPU-KNN's
+`approx_max_k` (arXiv 2206.14286) on TPU.
+"""
+
+from topk_sparse import ops
+from topk_sparse.layers import SparseMLP, TopKActivation
+from topk_sparse.sparsity import ActivationSparsity
+
+__version__ = "0.1.0"
+
+__all__ = ["ActivationSparsity", "SparseMLP", "TopKActivation", "ops"]

@@ -1,0 +1,253 @@
+"""Keras 3 layers for Top-k sparse Transformer MLPs.
+
+- `TopKActivation`: ReLU then keep the `k` largest activations per token.
+- `SparseMLP`: the Transformer MLP block `V · TopK_k(relu(Kᵀx + b))`, with a
+  masked path (dense matmuls, for training) and a gathered path (the second
+  projection reads only the `k` kept rows, for inference); `k=None` is the
+  plain ReLU MLP, the paper's dense baseline.
+
+Both own an `ActivationSparsity` metric, `layer.sparsity`, which Keras
+reports in `fit` logs as `<layer name>/nonzero_fraction`.
+"""
+
+import keras
+import tensorflow as tf
+
+from topk_sparse import ops
+from topk_sparse.sparsity import ActivationSparsity
+
+IMPLEMENTATIONS = ("masked", "gather")
+
+
+def _sparsity_metric(layer, units):
+    if not layer.track_sparsity:
+        return None
+    return ActivationSparsity(units, name=f"{layer.name}/nonzero_fraction")
+
+
+def _check_floating(x, layer):
+    if not x.dtype.is_floating:
+        raise TypeError(
+            f"{layer.__class__.__name__} {layer.name!r} needs floating-point "
+            f"inputs, got dtype {x.dtype.name}: cast them to float32.")
+
+
+@keras.saving.register_keras_serializable(package="topk_sparse")
+class TopKActivation(keras.layers.Layer):
+    """ReLU, then keep per token the `k` largest activations.
+
+    The Top-k nonlinearity of *The Lazy Neuron Phenomenon*: the rest of the
+    last axis is zeroed and gets no gradient. A token with fewer than `k`
+    positive activations keeps only those. Ties go to the lower index, as in
+    `tf.math.top_k`.
+
+    Args:
+      k: int. Number of activations kept per token. Must not exceed the size
+        of the last input dimension.
+      method: str. `"auto"` (default: `"approx"` on TPU, `"exact"`
+        elsewhere), `"exact"` (`tf.math.top_k`) or `"approx"` (TPU-KNN's
+        binned top-k: `tf.math.approx_max_k` on TPU).
+      recall_target: float in (0, 1]. Expected recall of `"approx"`.
+        Defaults to 0.95.
+      track_sparsity: bool. Whether the layer keeps an `ActivationSparsity`
+        metric of its outputs. Defaults to True.
+      **kwargs: base layer arguments (`name`, `dtype`, ...).
+
+    Example:
+    >>> layer = TopKActivation(k=2)
+    >>> layer(np.array([[3.0, -1.0, 2.0, 5.0]], "float32")).numpy()
+    array([[3., 0., 0., 5.]], dtype=float32)
+
+    References:
+      - Li et al., The Lazy Neuron Phenomenon, https://arxiv.org/abs/2210.06313
+      - Chern et al., TPU-KNN, https://arxiv.org/abs/2206.14286
+    """
+
+    def __init__(self, k, method="auto", recall_target=0.95,
+                 track_sparsity=True, **kwargs):
+        super().__init__(**kwargs)
+        self.k = ops.validate_k(k)
+        self.method = ops.validate_method(method)
+        self.recall_target = ops.validate_recall_target(recall_target)
+        self.track_sparsity = bool(track_sparsity)
+        self.sparsity = None
+
+    def build(self, input_shape):
+        units = input_shape[-1] if input_shape else None
+        if units is None:
+            raise ValueError(
+                f"TopKActivation {self.name!r} needs a known last dimension, "
+                f"got input shape {input_shape}.")
+        ops.validate_k(self.k, units)
+        self.sparsity = _sparsity_metric(self, units)
+
+    def call(self, inputs):
+        _check_floating(inputs, self)
+        outputs = ops.topk_mask(inputs, self.k, self.method,
+                                self.recall_target)
+        if self.sparsity is not None:
+            self.sparsity.update_state(outputs)
+        return outputs
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "k": self.k,
+            "method": self.method,
+            "recall_target": self.recall_target,
+            "track_sparsity": self.track_sparsity,
+        }
+
+
+@keras.saving.register_keras_serializable(package="topk_sparse")
+class SparseMLP(keras.layers.Layer):
+    """Transformer MLP `V · TopK_k(relu(Kᵀx + b₁)) + b₂`, token by token.
+
+    Args:
+      hidden_dim: int. Width of the hidden layer (`d_ff`).
+      k: int or None. Hidden activations kept per token; None keeps all
+        (the plain ReLU MLP, the dense baseline). Defaults to None.
+      method: str. Top-k method, see `TopKActivation`. Defaults to "auto".
+      recall_target: float in (0, 1]. Expected recall of `"approx"`.
+      implementation: str. `"masked"` (default) zeroes the dropped
+        activations and runs both projections densely: the fast path on
+        batches of many tokens and for training. `"gather"` multiplies only
+        the `k` kept rows of the output kernel: fewer FLOPs, faster at small
+        batches. Both give the same outputs for the same weights.
+      output_dim: int or None. Output width; None means the input width.
+      use_bias: bool. Whether both projections add a bias. Defaults to True.
+      kernel_initializer: initializer of both kernels.
+      bias_initializer: initializer of both biases.
+      track_sparsity: bool. Whether the layer keeps an `ActivationSparsity`
+        metric of its hidden activations. Defaults to True.
+      **kwargs: base layer arguments (`name`, `dtype`, ...).
+
+    Example:
+    >>> mlp = SparseMLP(hidden_dim=16, k=4)
+    >>> mlp(np.ones((2, 3, 8), "float32")).shape
+    (2, 3, 8)
+
+    References:
+      - Li et al., The Lazy Neuron Phenomenon, https://arxiv.org/abs/2210.06313
+    """
+
+    def __init__(self, hidden_dim, k=None, method="auto", recall_target=0.95,
+                 implementation="masked", output_dim=None, use_bias=True,
+                 kernel_initializer="glorot_uniform",
+                 bias_initializer="zeros", track_sparsity=True, **kwargs):
+        super().__init__(**kwargs)
+        if isinstance(hidden_dim, bool) or not isinstance(hidden_dim, int) \
+                or hidden_dim <= 0:
+            raise ValueError(
+                f"hidden_dim must be a positive int, got {hidden_dim!r}.")
+        if output_dim is not None and (
+                isinstance(output_dim, bool) or not isinstance(output_dim, int)
+                or output_dim <= 0):
+            raise ValueError(
+                f"output_dim must be a positive int or None, got "
+                f"{output_dim!r}.")
+        if implementation not in IMPLEMENTATIONS:
+            raise ValueError(
+                f"Unknown implementation {implementation!r}: choose one of "
+                f"{IMPLEMENTATIONS}.")
+        self.hidden_dim = hidden_dim
+        self.k = None if k is None else ops.validate_k(k, hidden_dim)
+        self.method = ops.validate_method(method)
+        self.recall_target = ops.validate_recall_target(recall_target)
+        self.implementation = implementation
+        self.output_dim = output_dim
+        self.use_bias = bool(use_bias)
+        self.kernel_initializer = keras.initializers.get(kernel_initializer)
+        self.bias_initializer = keras.initializers.get(bias_initializer)
+        self.track_sparsity = bool(track_sparsity)
+        self.sparsity = None
+
+    def build(self, input_shape):
+        if len(input_shape) < 2 or input_shape[-1] is None:
+            raise ValueError(
+                f"SparseMLP {self.name!r} needs inputs of rank >= 2 "
+                f"([..., tokens, features]) with a known feature dimension, "
+                f"got shape {input_shape}.")
+        in_dim = input_shape[-1]
+        out_dim = self.output_dim or in_dim
+        self.intermediate_kernel = self._weight(
+            "intermediate_kernel", (in_dim, self.hidden_dim),
+            self.kernel_initializer)
+        self.output_kernel = self._weight(
+            "output_kernel", (self.hidden_dim, out_dim),
+            self.kernel_initializer)
+        self.intermediate_bias = self.output_bias = None
+        if self.use_bias:
+            self.intermediate_bias = self._weight(
+                "intermediate_bias", (self.hidden_dim,), self.bias_initializer)
+            self.output_bias = self._weight(
+                "output_bias", (out_dim,), self.bias_initializer)
+        self.sparsity = _sparsity_metric(self, self.hidden_dim)
+
+    def _weight(self, name, shape, initializer):
+        return self.add_weight(name=name, shape=shape, initializer=initializer)
+
+    def call(self, inputs):
+        _check_floating(inputs, self)
+        hidden = _project(inputs, self.intermediate_kernel,
+                          self.intermediate_bias)
+        if self.k is not None and self.implementation == "gather":
+            return self._gathered_output(tf.nn.relu(hidden))
+        if self.k is None:
+            activations = tf.nn.relu(hidden)
+        else:
+            activations = ops.topk_mask(hidden, self.k, self.method,
+                                        self.recall_target)
+        if self.sparsity is not None:
+            self.sparsity.update_state(activations)
+        return _project(activations, self.output_kernel, self.output_bias)
+
+    def _gathered_output(self, activations):
+        _, indices = ops.topk_indices(activations, self.k, self.method,
+                                      self.recall_target)
+        # Gather again from the differentiable activations: the selection
+        # itself carries no gradient.
+        values = tf.gather(activations, indices, batch_dims=-1)
+        if self.sparsity is not None:
+            self.sparsity.update_from_topk(values, indices)
+        outputs = ops.sparse_mlp_product(values, indices, self.output_kernel)
+        if self.output_bias is not None:
+            outputs = outputs + self.output_bias
+        return outputs
+
+    def compute_output_shape(self, input_shape):
+        return (*input_shape[:-1], self.output_dim or input_shape[-1])
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "hidden_dim": self.hidden_dim,
+            "k": self.k,
+            "method": self.method,
+            "recall_target": self.recall_target,
+            "implementation": self.implementation,
+            "output_dim": self.output_dim,
+            "use_bias": self.use_bias,
+            "kernel_initializer":
+                keras.initializers.serialize(self.kernel_initializer),
+            "bias_initializer":
+                keras.initializers.serialize(self.bias_initializer),
+            "track_sparsity": self.track_sparsity,
+        }
+
+
+def _project(x, kernel, bias):
+    """`x @ kernel + bias` over the last axis, as one rank-2 matmul.
+
+    Flattening first keeps the backward pass a plain matmul (an `einsum` over
+    `...f,fd->...d` was seen here to build a [f, d, tokens] gradient).
+    """
+    out_dim = kernel.shape[-1]
+    y = tf.matmul(tf.reshape(x, [-1, x.shape[-1]]), kernel)
+    if bias is not None:
+        y = y + bias
+    y = tf.reshape(y, tf.concat([tf.shape(x)[:-1], [out_dim]], axis=0))
+    return tf.ensure_shape(y, x.shape[:-1].concatenate([out_dim]))

@@ -1,0 +1,73 @@
+"""Activation sparsity, the measure of *The Lazy Neuron Phenomenon*.
+
+The paper (arXiv 2210.06313, Sec. 2) counts, per token, the share of an MLP's
+hidden activations `relu(Kᵀx)` that are strictly positive, and averages over
+tokens. `ActivationSparsity` accumulates that average over the calls since
+its last reset, together with how often each hidden neuron fired (for dead
+neuron counts). Each `TopKActivation` and `SparseMLP` owns one, so Keras puts
+`<layer>/nonzero_fraction` into `model.fit` logs and History, and callbacks
+read the layers' metrics instead of re-running the model.
+"""
+
+import keras
+from keras import ops
+
+
+@keras.saving.register_keras_serializable(package="topk_sparse")
+class ActivationSparsity(keras.metrics.Metric):
+    """Running nonzero fraction of a layer's hidden activations.
+
+    Args:
+      units: int. Size of the hidden dimension.
+      name: str. Metric name (the key in `fit` logs).
+
+    Example:
+    >>> m = ActivationSparsity(units=4)
+    >>> m.update_state(np.array([[1.0, 0.0, 0.0, 2.0]], "float32"))
+    >>> float(m.result())
+    0.5
+    """
+
+    def __init__(self, units, name="nonzero_fraction", **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.units = units
+        # Replicas' counts add up under tf.distribute.
+        self.nonzero_count = self.add_variable(
+            shape=(), initializer="zeros", name="nonzero_count",
+            aggregation="sum")
+        self.token_count = self.add_variable(
+            shape=(), initializer="zeros", name="token_count",
+            aggregation="sum")
+        self.neuron_fire_count = self.add_variable(
+            shape=(units,), initializer="zeros", name="neuron_fire_count",
+            aggregation="sum")
+
+    def update_state(self, activations):
+        """Counts the positive entries of `activations` `[..., units]`."""
+        fired = ops.cast(ops.reshape(activations, (-1, self.units)) > 0,
+                         self.dtype)
+        self._accumulate(ops.sum(fired, axis=0), ops.shape(fired)[0])
+
+    def update_from_topk(self, values, indices):
+        """Same as `update_state` from the kept `values`/`indices` `[..., k]`."""
+        k = values.shape[-1]
+        fired = ops.cast(ops.reshape(values, (-1,)) > 0, self.dtype)
+        per_neuron = ops.segment_sum(
+            fired, ops.reshape(indices, (-1,)), num_segments=self.units)
+        self._accumulate(per_neuron, ops.shape(fired)[0] // k)
+
+    def _accumulate(self, per_neuron, tokens):
+        self.neuron_fire_count.assign_add(per_neuron)
+        self.nonzero_count.assign_add(ops.sum(per_neuron))
+        self.token_count.assign_add(ops.cast(tokens, self.dtype))
+
+    def result(self):
+        return ops.divide_no_nan(self.nonzero_count,
+                                 self.token_count * self.units)
+
+    def dead_fraction(self):
+        """Share of neurons that never fired since the last reset."""
+        return ops.mean(ops.cast(self.neuron_fire_count == 0, self.dtype))
+
+    def get_config(self):
+        return {**super().get_config(), "units": self.units}
