@@ -6,9 +6,14 @@ Layers that keep, per token, only the `k` largest MLP activations
 """
 
 from topk_sparse import ops
+from topk_sparse.calibration import (BrierScore, ExpectedCalibrationError,
+                                     NegativeLogLikelihood)
 from topk_sparse.layers import SparseMLP, TopKActivation
 from topk_sparse.sparsity import ActivationSparsity
 
 __version__ = "0.1.0"
 
-__all__ = ["ActivationSparsity", "SparseMLP", "TopKActivation", "ops"]
+__all__ = [
+    "ActivationSparsity", "BrierScore", "ExpectedCalibrationError",
+    "NegativeLogLikelihood", "SparseMLP", "TopKActivation", "ops",
+]
