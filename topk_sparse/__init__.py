@@ -6,6 +6,7 @@ Layers that keep, per token, only the `k` largest MLP activations
 """
 
 from topk_sparse import ops
+from topk_sparse.callbacks import CalibrationCallback, SparsityCallback
 from topk_sparse.calibration import (BrierScore, ExpectedCalibrationError,
                                      NegativeLogLikelihood)
 from topk_sparse.layers import SparseMLP, TopKActivation
@@ -14,6 +15,7 @@ from topk_sparse.sparsity import ActivationSparsity
 __version__ = "0.1.0"
 
 __all__ = [
-    "ActivationSparsity", "BrierScore", "ExpectedCalibrationError",
-    "NegativeLogLikelihood", "SparseMLP", "TopKActivation", "ops",
+    "ActivationSparsity", "BrierScore", "CalibrationCallback",
+    "ExpectedCalibrationError", "NegativeLogLikelihood", "SparseMLP",
+    "SparsityCallback", "TopKActivation", "ops",
 ]

@@ -1,0 +1,412 @@
+"""Keras callbacks writing activation sparsity and calibration to TensorBoard.
+
+*The Lazy Neuron Phenomenon* (arXiv 2210.06313) is about two numbers that
+`model.fit` does not show well: the share of MLP activations that are nonzero
+(about 3% in T5-Base, 6.3% in ViT-B/16) and how well calibrated the
+resulting classifier is (Table 1: Top-k lowers ViT's ECE from 8.42 to 7.48).
+
+- `SparsityCallback` reads the `ActivationSparsity` metric that every
+  `SparseMLP` / `TopKActivation` owns (`layer.sparsity`) and writes, per layer,
+  `sparsity/<path>/nonzero_fraction`, `sparsity/<path>/dead_fraction` and a
+  histogram `sparsity/<path>/neuron_fire_rate`, plus
+  `sparsity/mean_nonzero_fraction` and `sparsity/mean_dead_fraction`.
+- `CalibrationCallback` runs the model over held-out data and writes
+  `calibration/expected_calibration_error`, `.../negative_log_likelihood`,
+  `.../brier_score`, `.../accuracy` and the reliability diagram as the image
+  `calibration/reliability_diagram`.
+
+Both write against `model.optimizer.iterations` through one file writer each,
+flush after every write, and add their headline numbers to the epoch `logs`
+(so History and the progress bar show them). Values come from the metrics'
+sum variables read outside the replica context, where `MirroredStrategy` /
+`TPUStrategy` add the replicas' states: never from per-batch logs, which
+Keras 3.15 averages over replicas.
+
+Two Keras 3.15 behaviours shape the code (seen in `fit`'s source):
+`fit` runs validation before `on_epoch_end` and `evaluate` resets every layer
+metric, so the training sparsity is saved in `on_test_begin`; and a layer's
+metric counts every call of the layer, so the calibration pass restores the
+layers' metric variables after each batch, on each replica.
+
+Example:
+
+    model.fit(data, epochs=10, callbacks=[
+        topk_sparse.callbacks.SparsityCallback("logs/sparsity"),
+        topk_sparse.callbacks.CalibrationCallback("logs/calibration",
+                                                  val_data),
+    ])
+"""
+
+import os
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from topk_sparse.calibration import (BrierScore, ExpectedCalibrationError,
+                                     NegativeLogLikelihood,
+                                     reliability_diagram_image)
+from topk_sparse.sparsity import ActivationSparsity
+
+
+class _SummaryCallback(keras.callbacks.Callback):
+    """One file writer per training run, steps from the optimizer."""
+
+    def __init__(self, log_dir):
+        super().__init__()
+        self.log_dir = os.fspath(log_dir)
+        self._writer = None
+
+    def on_train_begin(self, logs=None):
+        if self._writer is None:
+            self._writer = tf.summary.create_file_writer(self.log_dir)
+
+    def on_train_end(self, logs=None):
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    def _step(self):
+        return int(self.model.optimizer.iterations.numpy())
+
+    def _write(self, step, scalars, histograms=None, images=None):
+        with self._writer.as_default(step=step):
+            for tag, value in scalars.items():
+                tf.summary.scalar(tag, value)
+            for tag, value in (histograms or {}).items():
+                tf.summary.histogram(tag, value)
+            for tag, value in (images or {}).items():
+                tf.summary.image(tag, value)
+        self._writer.flush()
+
+
+def sparse_layers(model):
+    """Returns `{tag path: ActivationSparsity}` for every tracked layer.
+
+    A layer is tracked when its `sparsity` attribute is an
+    `ActivationSparsity` (a built `SparseMLP` or `TopKActivation` with
+    `track_sparsity=True`). Its path is the one the model's `sparse_mlps()`
+    gives it, where the model has that method, else the layer name.
+
+    Raises:
+      ValueError: if no layer is tracked, or two share a path.
+    """
+    paths = {}
+    if callable(getattr(model, "sparse_mlps", None)):
+        paths = {id(layer): path
+                 for path, layer in model.sparse_mlps().items()}
+    found = {}
+    for layer in model._flatten_layers(include_self=False):
+        metric = getattr(layer, "sparsity", None)
+        if not isinstance(metric, ActivationSparsity):
+            continue
+        path = paths.get(id(layer), layer.name)
+        if path in found:
+            raise ValueError(
+                f"Two layers of model {model.name!r} would both write "
+                f"sparsity/{path}/...: give them distinct names.")
+        found[path] = metric
+    if not found:
+        raise ValueError(
+            f"Model {model.name!r} has no layer whose `sparsity` attribute is "
+            f"an `ActivationSparsity` (a built SparseMLP or TopKActivation "
+            f"with track_sparsity=True), so there is no sparsity to write.")
+    return found
+
+
+class SparsityCallback(_SummaryCallback):
+    """Writes the activation sparsity of every Top-k / sparse MLP layer.
+
+    For each layer (tag `<path>`: its `sparse_mlps()` path or layer name):
+    `sparsity/<path>/nonzero_fraction` (the share of hidden activations that
+    are nonzero, per token, the measure of the Lazy Neuron paper),
+    `sparsity/<path>/dead_fraction` (share of neurons that never fired) and,
+    with `histograms=True`, `sparsity/<path>/neuron_fire_rate` (per neuron,
+    the share of tokens it fired on); and over layers
+    `sparsity/mean_nonzero_fraction` and `sparsity/mean_dead_fraction`.
+
+    Keras resets the layers' metrics at the start of every epoch, so each
+    value covers the training batches of the epoch so far. At epoch end,
+    `logs["mean_nonzero_fraction"]` and `logs["mean_dead_fraction"]` are
+    added for History and the progress bar.
+
+    Args:
+      log_dir: str or path. Directory of the TensorBoard event file.
+      update_freq: `"epoch"` (default) writes at the end of every epoch; an
+        int `n` also writes every `n` optimizer steps.
+      histograms: bool. Whether to write `neuron_fire_rate` histograms.
+        Defaults to True.
+
+    Example:
+    >>> callback = SparsityCallback("/tmp/logs", update_freq=100)
+    >>> model.fit(x, y, callbacks=[callback])  # doctest: +SKIP
+
+    References:
+      - Li et al., The Lazy Neuron Phenomenon, https://arxiv.org/abs/2210.06313
+    """
+
+    def __init__(self, log_dir, update_freq="epoch", histograms=True):
+        super().__init__(log_dir)
+        if update_freq != "epoch" and (
+                isinstance(update_freq, bool)
+                or not isinstance(update_freq, (int, np.integer))
+                or update_freq < 1):
+            raise ValueError(
+                f"update_freq must be 'epoch' or a positive int (a number of "
+                f"optimizer steps), got {update_freq!r}.")
+        self.update_freq = update_freq
+        self.histograms = bool(histograms)
+        self._metrics = None
+        self._in_fit = False
+        self._training_state = None
+        self._last_write = None
+
+    def on_train_begin(self, logs=None):
+        # A subclassed model builds its layers (and their metrics) in the
+        # first train step: look for them then, not later.
+        self._metrics = None
+        if all(layer.built for layer in self.model._flatten_layers()):
+            self._metrics = sparse_layers(self.model)
+        super().on_train_begin(logs)
+        self._in_fit = True
+        self._last_write = None
+
+    def on_train_end(self, logs=None):
+        self._in_fit = False
+        super().on_train_end(logs)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._training_state = None
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._find_layers()
+        if self.update_freq == "epoch":
+            return
+        step = self._step()
+        # "Passed a multiple of n" rather than "is a multiple": with
+        # steps_per_execution > 1 the step jumps by more than one.
+        previous = 0 if self._last_write is None else self._last_write
+        if step // self.update_freq > previous // self.update_freq:
+            self._summarize(step, self._read())
+
+    def on_test_begin(self, logs=None):
+        # `fit`'s validation resets the layer metrics before `on_epoch_end`:
+        # keep the training counts.
+        if self._in_fit:
+            self._find_layers()
+            self._training_state = self._read()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self._find_layers()
+        state = self._training_state or self._read()
+        self._training_state = None
+        step = self._step()
+        # With an int update_freq the last batch may have written this step.
+        summary = self._summarize(step, state, write=step != self._last_write)
+        if logs is not None:
+            for name in ("mean_nonzero_fraction", "mean_dead_fraction"):
+                if name in summary:
+                    logs[name] = summary[name]
+
+    def _find_layers(self):
+        if self._metrics is None:
+            self._metrics = sparse_layers(self.model)
+
+    def _read(self):
+        """Numpy copies of each layer's counts, summed over replicas."""
+        return {
+            path: (float(metric.token_count.numpy()),
+                   float(metric.nonzero_count.numpy()),
+                   np.asarray(metric.neuron_fire_count.numpy()))
+            for path, metric in self._metrics.items()
+        }
+
+    def _summarize(self, step, state, write=True):
+        scalars, histograms = {}, {}
+        nonzero, dead = [], []
+        for path, (tokens, nonzero_count, fire_count) in state.items():
+            if tokens == 0:  # not called since the last reset: nothing to say
+                continue
+            nonzero.append(nonzero_count / (tokens * fire_count.size))
+            dead.append(float(np.mean(fire_count == 0)))
+            scalars[f"sparsity/{path}/nonzero_fraction"] = nonzero[-1]
+            scalars[f"sparsity/{path}/dead_fraction"] = dead[-1]
+            if self.histograms:
+                histograms[f"sparsity/{path}/neuron_fire_rate"] = (
+                    fire_count / tokens)
+        summary = {}
+        if nonzero:
+            summary = {"mean_nonzero_fraction": float(np.mean(nonzero)),
+                       "mean_dead_fraction": float(np.mean(dead))}
+            scalars.update({f"sparsity/{name}": value
+                            for name, value in summary.items()})
+        if write and scalars:
+            self._write(step, scalars, histograms)
+            self._last_write = step
+        return summary
+
+
+def _validation_dataset(validation_data, batch_size):
+    """`validation_data` as a batched tf.data of `(x, y[, sample_weight])`."""
+    if isinstance(validation_data, tf.data.Dataset):
+        dataset = validation_data
+    elif isinstance(validation_data, (tuple, list)) and \
+            len(validation_data) in (2, 3):
+        dataset = tf.data.Dataset.from_tensor_slices(
+            tuple(validation_data)).batch(batch_size)
+    else:
+        raise ValueError(
+            f"validation_data must be a tf.data.Dataset of (x, y) or "
+            f"(x, y, sample_weight) batches, or a tuple (x, y) or "
+            f"(x, y, sample_weight) of arrays, got "
+            f"{type(validation_data).__name__}.")
+    spec = dataset.element_spec
+    if not isinstance(spec, tuple) or len(spec) not in (2, 3):
+        raise ValueError(
+            f"validation_data must yield (x, y) or (x, y, sample_weight) "
+            f"batches: labels are needed for calibration. Its elements are "
+            f"{spec}.")
+    return dataset
+
+
+class CalibrationCallback(_SummaryCallback):
+    """Writes the model's calibration on held-out data every `freq` epochs.
+
+    At the end of every `freq`-th epoch the model runs over
+    `validation_data` (with `training=False`, through the model's distribution
+    strategy, compiled with XLA when the model is) and
+    `calibration/expected_calibration_error`,
+    `calibration/negative_log_likelihood`, `calibration/brier_score`,
+    `calibration/accuracy` (top-1) and the image
+    `calibration/reliability_diagram` (Guo et al. 2017, Figure 1) are
+    written. The epoch `logs` get the same numbers as
+    `val_expected_calibration_error`, `val_negative_log_likelihood`,
+    `val_brier_score` and, unless `fit`'s own validation already put one
+    there, `val_accuracy`.
+
+    The pass leaves the layers' own metrics (such as `layer.sparsity`) as it
+    found them, so `SparsityCallback` reports training batches only.
+
+    Args:
+      log_dir: str or path. Directory of the TensorBoard event file.
+      validation_data: a `tf.data.Dataset` of `(x, y)` or
+        `(x, y, sample_weight)` batches, or such a tuple of arrays. Labels
+        are sparse class ids or one-hot.
+      num_bins: int. Equal-width confidence bins of the ECE. Defaults to 15.
+      from_logits: bool. Whether the model outputs logits. Defaults to True.
+      freq: int. Run every `freq` epochs. Defaults to 1.
+      batch_size: int. Batch size when `validation_data` is arrays.
+        Defaults to 32.
+
+    Example:
+    >>> callback = CalibrationCallback("/tmp/logs", (x_val, y_val))
+    >>> model.fit(x, y, callbacks=[callback])  # doctest: +SKIP
+
+    References:
+      - Guo et al., On Calibration of Modern Neural Networks,
+        https://arxiv.org/abs/1706.04599
+      - Li et al., The Lazy Neuron Phenomenon, https://arxiv.org/abs/2210.06313
+    """
+
+    def __init__(self, log_dir, validation_data, num_bins=15, from_logits=True,
+                 freq=1, batch_size=32):
+        super().__init__(log_dir)
+        for name, value in (("freq", freq), ("num_bins", num_bins),
+                            ("batch_size", batch_size)):
+            if isinstance(value, bool) or not isinstance(
+                    value, (int, np.integer)) or value < 1:
+                raise ValueError(
+                    f"{name} must be a positive int, got {value!r}.")
+        self.num_bins = int(num_bins)
+        self.from_logits = bool(from_logits)
+        self.freq = int(freq)
+        self._dataset = _validation_dataset(validation_data, int(batch_size))
+        self._built_for = None
+
+    def on_epoch_end(self, epoch, logs=None):
+        if (epoch + 1) % self.freq:
+            return
+        results, image = self.evaluate()
+        self._write(self._step(),
+                    {f"calibration/{name}": value
+                     for name, value in results.items()},
+                    images={"calibration/reliability_diagram": image})
+        if logs is not None:
+            for name, value in results.items():
+                if name != "accuracy" or "val_accuracy" not in logs:
+                    logs[f"val_{name}"] = value
+
+    def evaluate(self):
+        """Runs the model over the validation data.
+
+        Returns:
+          `(results, image)`: a dict of the four calibration numbers and the
+          reliability diagram as a `[1, H, W, 3]` uint8 array.
+        """
+        self._build()
+        for metric in self._metrics:
+            metric.reset_state()
+        for batch in self._distributed_dataset:
+            self._step_function(batch)
+        ece, nll, brier = self._metrics
+        # The ECE's bins also hold the top-1 hits: accuracy for free, with
+        # the same label handling and sample weights.
+        count = float(np.sum(ece.bin_count.numpy()))
+        hits = float(np.sum(ece.bin_accuracy.numpy()))
+        results = {
+            "expected_calibration_error": float(ece.result()),
+            "negative_log_likelihood": float(nll.result()),
+            "brier_score": float(brier.result()),
+            "accuracy": hits / count if count else 0.0,
+        }
+        return results, reliability_diagram_image(ece.reliability_diagram())
+
+    def _build(self):
+        """Metrics and step function, once per model."""
+        if self._built_for is self.model:
+            return
+        model = self.model
+        strategy = model.distribute_strategy
+        # Under the model's strategy the metric sums become SyncOnRead
+        # variables, added up when read here, outside the replicas.
+        with strategy.scope():
+            self._metrics = [
+                ExpectedCalibrationError(self.num_bins, self.from_logits),
+                NegativeLogLikelihood(self.from_logits),
+                BrierScore(self.from_logits),
+            ]
+        layer_variables = list({
+            id(v): v
+            for layer in model._flatten_layers(include_self=False)
+            for metric in getattr(layer, "_metrics", ())
+            for v in metric.variables
+        }.values())
+        metrics = self._metrics
+
+        def replica_step(batch):
+            x, y, sample_weight = (*batch, None)[:3]
+            # A layer's metric counts every call; this pass is not training.
+            saved = [tf.identity(v.value) for v in layer_variables]
+            y_pred = model(x, training=False)
+            for metric in metrics:
+                metric.update_state(y, y_pred, sample_weight=sample_weight)
+            for variable, value in zip(layer_variables, saved):
+                variable.assign(value)
+
+        # Keras' own step structure: XLA inside the replica, only when the
+        # model's steps use it (Keras resolves "auto" to off under
+        # tf.distribute and on CPU-only hosts).
+        if model.jit_compile and not model.run_eagerly:
+            replica_step = tf.function(replica_step, jit_compile=True,
+                                       reduce_retracing=True)
+
+        def step_function(batch):
+            strategy.run(replica_step, args=(batch,))
+
+        if not model.run_eagerly:
+            step_function = tf.function(step_function, reduce_retracing=True)
+
+        self._step_function = step_function
+        self._distributed_dataset = strategy.experimental_distribute_dataset(
+            self._dataset)
+        self._built_for = model
