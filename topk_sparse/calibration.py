@@ -255,8 +255,30 @@ def reliability_diagram_image(diagram, size=128):
     return image[None]
 
 
+class _SampleMean(_CalibrationMetric):
+    """Weighted mean over samples of `_per_sample(labels, y_pred)`."""
+
+    def __init__(self, from_logits=False, name=None, **kwargs):
+        super().__init__(from_logits=from_logits, name=name, **kwargs)
+        self.total = self._sum_variable("total")
+        self.count = self._sum_variable("count")
+
+    def _per_sample(self, labels, y_pred):
+        raise NotImplementedError
+
+    def update_state(self, y_true, y_pred, sample_weight=None):
+        labels, y_pred, weights = self._standardize(
+            y_true, y_pred, sample_weight
+        )
+        self.total.assign_add(ops.sum(weights * self._per_sample(labels, y_pred)))
+        self.count.assign_add(ops.sum(weights))
+
+    def result(self):
+        return ops.divide_no_nan(self.total, self.count)
+
+
 @keras.saving.register_keras_serializable(package="topk_sparse")
-class NegativeLogLikelihood(_CalibrationMetric):
+class NegativeLogLikelihood(_SampleMean):
     """Mean negative log-likelihood (cross-entropy) of the true class.
 
     Probabilities are clipped to `[1e-7, 1]` so a confident mistake costs
@@ -283,30 +305,20 @@ class NegativeLogLikelihood(_CalibrationMetric):
     def __init__(self, from_logits=False, name="negative_log_likelihood",
                  **kwargs):
         super().__init__(from_logits=from_logits, name=name, **kwargs)
-        self.total = self._sum_variable("total")
-        self.count = self._sum_variable("count")
 
-    def update_state(self, y_true, y_pred, sample_weight=None):
-        labels, y_pred, weights = self._standardize(
-            y_true, y_pred, sample_weight
-        )
+    def _per_sample(self, labels, y_pred):
         if self.from_logits:
             log_probs = ops.log_softmax(y_pred, axis=-1)
         else:
             log_probs = ops.log(ops.clip(y_pred, _EPSILON, 1.0))
-        true_log_prob = ops.sum(
+        return -ops.sum(
             log_probs * ops.one_hot(labels, y_pred.shape[-1], dtype="float32"),
             axis=-1,
         )
-        self.total.assign_add(-ops.sum(weights * true_log_prob))
-        self.count.assign_add(ops.sum(weights))
-
-    def result(self):
-        return ops.divide_no_nan(self.total, self.count)
 
 
 @keras.saving.register_keras_serializable(package="topk_sparse")
-class BrierScore(_CalibrationMetric):
+class BrierScore(_SampleMean):
     """Multi-class Brier score: mean over samples of `sum_c (p_c - y_c)^2`.
 
     It ranges from 0 (certain and right) to 2 (certain and wrong).
@@ -330,18 +342,11 @@ class BrierScore(_CalibrationMetric):
 
     def __init__(self, from_logits=False, name="brier_score", **kwargs):
         super().__init__(from_logits=from_logits, name=name, **kwargs)
-        self.total = self._sum_variable("total")
-        self.count = self._sum_variable("count")
 
-    def update_state(self, y_true, y_pred, sample_weight=None):
-        labels, y_pred, weights = self._standardize(
-            y_true, y_pred, sample_weight
-        )
+    def _per_sample(self, labels, y_pred):
         probs = self._probs(y_pred)
         one_hot = ops.one_hot(labels, probs.shape[-1], dtype="float32")
-        per_sample = ops.sum(ops.square(probs - one_hot), axis=-1)
-        self.total.assign_add(ops.sum(weights * per_sample))
-        self.count.assign_add(ops.sum(weights))
+        return ops.sum(ops.square(probs - one_hot), axis=-1)
 
     def result(self):
         return ops.divide_no_nan(self.total, self.count)
