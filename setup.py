@@ -29,10 +29,16 @@ setup(
         "numpy>=1.26",
         "absl-py>=2.1",
         "ml-collections>=1.0",
+        # Data: TFDS pipelines (cifar10, imagenet2012, c4, wmt, CIFAR-10-C)
+        # and the embedded default, scikit-learn's handwritten digits.
+        "tensorflow-datasets>=4.9",
+        "scikit-learn>=1.3",
     ],
     extras_require={
         **TENSORFLOW,
-        "test": ["pytest>=8", "hypothesis>=6.100"],
+        # scipy and Pillow: references the corruption tests compare with.
+        "test": ["pytest>=8", "hypothesis>=6.100", "scipy>=1.10",
+                 "pillow>=10"],
     },
     license="Apache-2.0",
 )

@@ -1,0 +1,1 @@
+"""Training configs, one file per run, for `--config=configs/<name>.py`."""

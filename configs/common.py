@@ -1,0 +1,133 @@
+"""What every training config shares: its argument, devices, optimizer, eval.
+
+A config file builds on `base_config()`, which holds every key that
+`topk_sparse.training.train` reads with its default, then sets its model,
+data and recipe:
+
+    config = common.base_config()
+    config.model = common.model("vit", k=32, variant="micro", ...)
+    config.data = ml_collections.ConfigDict({"name": "digits", ...})
+"""
+
+import types
+
+import ml_collections
+from ml_collections import config_dict
+
+# The input corruptions of topk_sparse.data.corruptions (CIFAR-10-C's
+# noise, blur and digital families), for `config.eval.corruptions`.
+CORRUPTIONS = ("gaussian_noise", "shot_noise", "impulse_noise",
+               "speckle_noise", "defocus_blur", "gaussian_blur", "contrast",
+               "brightness", "jpeg_compression", "pixelate")
+
+
+def parse_arg(arg, **defaults):
+    """Parses a config file's argument (`"runlocal"`, `"runlocal=True"`).
+
+    Each `defaults` key is an allowed name with its default value, whose
+    type converts the given string; a bare name means True. Returns a
+    namespace (`arg.runlocal`).
+    """
+    values = dict(defaults)
+    for item in filter(None, (arg or "").split(",")):
+        name, _, value = item.partition("=")
+        if name not in defaults:
+            raise ValueError(f"Unknown config argument {name!r} in {arg!r}: "
+                             f"choose from {sorted(defaults)}.")
+        kind = type(defaults[name])
+        if kind is bool:
+            values[name] = value.lower() not in ("0", "false", "no") \
+                if value else True
+        else:
+            values[name] = kind(value) if value else kind()
+    return types.SimpleNamespace(**values)
+
+
+def base_config():
+    """Every key but `model` and `data`, at its default."""
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+
+    # Devices (topk_sparse.distribute).
+    config.strategy = "auto"  # auto | tpu | mirrored | cpu
+    config.tpu = "local"      # TPU VM or Colab; a Cloud TPU name or grpc://
+    # "mirrored" on a host without GPUs: split the CPU into this many
+    # logical devices (None: as configured, one).
+    config.num_cpu_devices = config_dict.placeholder(int)
+    config.jit_compile = True
+    config.mixed_precision = "float32"  # "mixed_bfloat16" on TPU
+    config.steps_per_execution = 1
+
+    # Schedule: global batch size; `steps_per_epoch` None is one pass over a
+    # finite training split. An epoch is also the unit of the backup a
+    # killed run resumes from.
+    config.batch_size = 64
+    config.epochs = 10
+    config.steps_per_epoch = config_dict.placeholder(int)
+
+    config.optimizer = ml_collections.ConfigDict()
+    config.optimizer.name = "adamw"  # adamw | adam | sgd | adafactor
+    config.optimizer.learning_rate = 1e-3
+    config.optimizer.weight_decay = 1e-4  # adamw only
+    config.optimizer.beta_2 = 0.999  # adam(w) only
+    config.optimizer.momentum = 0.9  # sgd only
+    config.optimizer.schedule = "cosine"  # cosine | constant | rsqrt
+    config.optimizer.warmup_steps = 100
+    config.optimizer.global_clipnorm = 1.0  # 0: none
+
+    config.eval = ml_collections.ConfigDict()
+    config.eval.batch_size = 128
+    config.eval.every_epochs = 1  # validation inside fit; 0 turns it off
+    # Seq2seq: exact match of greedy decoding on this many examples.
+    config.eval.generate_examples = 0
+    # Images: accuracy and calibration under these input corruptions
+    # (topk_sparse.data.corruptions) at these severities; () skips it.
+    config.eval.corruptions = ()
+    config.eval.severities = (1, 2, 3, 4, 5)
+    config.verbose = 2
+    return config
+
+
+def model(name, k, method="auto", **architecture):
+    """`config.model`: the model's name, sparsity and architecture keys.
+
+    `k` is typed `object`, so that `--config.model.k=None` (the dense ReLU
+    baseline) parses as well as an int.
+    """
+    section = ml_collections.ConfigDict({"name": name, **architecture})
+    section.k = config_dict.placeholder(object)
+    section.k = k
+    section.method = method  # approx_max_k on TPU, exact elsewhere
+    return section
+
+
+def t5_optimizer():
+    """`config.optimizer` of T5's pretraining (arXiv 1910.10683, Sec.
+    3.1.2): Adafactor at 1/sqrt(max(step, 10^4)), no clipping."""
+    section = base_config().optimizer
+    section.name = "adafactor"
+    section.learning_rate = 0.01
+    section.schedule = "rsqrt"
+    section.warmup_steps = 10_000
+    section.global_clipnorm = 0.0
+    return section
+
+
+def runlocal(config, steps_per_epoch=3, batch_size=None):
+    """Shrinks `config` in place to a seconds-long smoke test on a CPU."""
+    config.strategy = "cpu"
+    config.mixed_precision = "float32"
+    config.steps_per_execution = 1
+    config.epochs = 2
+    config.steps_per_epoch = steps_per_epoch
+    config.optimizer.warmup_steps = 1
+    config.eval.every_epochs = 1
+    if batch_size:
+        config.batch_size = config.eval.batch_size = batch_size
+    if "shuffle_buffer" in config.data:
+        config.data.shuffle_buffer = 16
+    if config.eval.generate_examples:
+        config.eval.generate_examples = 16
+    if config.eval.corruptions:
+        config.eval.severities = (1, 5)
+    return config

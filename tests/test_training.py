@@ -1,0 +1,411 @@
+"""distribute.py, training.train, the trainer binaries and their configs.
+
+Runs the runlocal configs end to end (a few steps each): on one device with
+jit_compile, under the shared MirroredStrategy with mixed precision, killed
+with SIGKILL and resumed, and with a misspelled config key.
+"""
+
+import glob
+import importlib.util
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from configs import common
+from tests.devices import mirrored_strategy
+from topk_sparse import distribute, training
+from topk_sparse.data import corruptions
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = os.path.join(REPO, "configs")
+
+
+def load_config(name, arg=None):
+    spec = importlib.util.spec_from_file_location(
+        name, os.path.join(CONFIGS, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
+def run_python(args, **kwargs):
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    return subprocess.Popen([sys.executable, *args], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, **kwargs)
+
+
+def read_scalars(logdir):
+    """`{tag: {step: value}}` from the TensorBoard event files in logdir."""
+    scalars = {}
+    for path in glob.glob(os.path.join(logdir, "events.out.tfevents.*")):
+        for event in tf.compat.v1.train.summary_iterator(path):
+            for value in event.summary.value:
+                array = tf.make_ndarray(value.tensor)
+                if array.ndim == 0:  # not a histogram
+                    scalars.setdefault(value.tag, {})[event.step] = float(
+                        array)
+    return scalars
+
+
+def read_tags(logdir):
+    """Every summary tag in the event files of logdir."""
+    return {value.tag
+            for path in glob.glob(os.path.join(logdir, "events.out.*"))
+            for event in tf.compat.v1.train.summary_iterator(path)
+            for value in event.summary.value}
+
+
+# Strategies.
+
+def test_get_strategy_names_and_batch_check():
+    assert distribute.get_strategy("cpu") is tf.distribute.get_strategy()
+    with pytest.raises(ValueError, match="Unknown strategy 'gpu'.*'auto'"):
+        distribute.get_strategy("gpu")
+    mirrored = mirrored_strategy()
+    assert distribute.per_replica_batch(64, mirrored) == 32
+    with pytest.raises(ValueError, match="63 must be a positive multiple "
+                                         "of the 2 replicas.*try 62"):
+        distribute.per_replica_batch(63, mirrored)
+
+
+def test_get_strategy_in_a_fresh_process():
+    # Its own process: a second MirroredStrategy here would break the
+    # collectives of the shared one, and the CPU split must come first.
+    script = textwrap.dedent("""
+        import tensorflow as tf
+        from topk_sparse import distribute
+        s = distribute.get_strategy("mirrored", num_cpu_devices=2)
+        assert isinstance(s, tf.distribute.MirroredStrategy), s
+        assert s.num_replicas_in_sync == 2
+        assert distribute.get_strategy("mirrored") is s  # one per process
+        try:
+            distribute.get_strategy("mirrored", num_cpu_devices=3)
+        except RuntimeError as e:
+            assert "already runs with 2" in str(e), e
+        else:
+            raise AssertionError("a late CPU split must fail")
+        # No TPU and one CPU device: auto falls back to the default.
+        assert distribute.get_strategy("auto") is tf.distribute.get_strategy()
+        try:
+            distribute.get_strategy("tpu")
+        except RuntimeError as e:
+            assert "No TPU found for tpu='local'" in str(e), e
+        else:
+            raise AssertionError("no TPU here")
+        print("OK")
+    """)
+    process = run_python(["-c", script])
+    output = process.communicate(timeout=120)[0]
+    assert process.returncode == 0 and "OK" in output, output
+
+
+# Training in process.
+
+def _check_workdir(workdir, config, report):
+    with open(os.path.join(workdir, "config.json")) as f:
+        assert json.load(f) == json.loads(config.to_json())
+    with open(os.path.join(workdir, "report.json")) as f:
+        assert json.load(f) == json.loads(json.dumps(report))
+    assert os.path.exists(os.path.join(workdir, "model.keras"))
+    assert os.path.exists(os.path.join(workdir, "backup",
+                                       "training_metadata.json"))
+
+
+def test_train_runlocal_one_device_jit(tmp_path):
+    config = load_config("vit_digits", "runlocal")
+    config.strategy = "cpu"
+    workdir = str(tmp_path / "vit")
+    report = training.train(config, workdir)
+
+    _check_workdir(workdir, config, report)
+    assert report["jit_compile"] is True and report["replicas"] == 1
+    assert report["epochs_run"] == [0, 1]
+    assert report["train_steps"] == 2 * 3
+    assert 0.0 <= report["eval"]["accuracy"] <= 1.0
+    assert np.isfinite(report["eval"]["loss"])
+    # Top-32 of mlp_dim 128, per MLP in depth order, measured on test data.
+    assert list(report["nonzero_fraction"]) == [
+        "encoder/block_0/mlp", "encoder/block_1/mlp"]
+    for value in report["nonzero_fraction"].values():
+        assert 0.0 < value <= 32 / 128
+    # TensorBoard got the losses and each MLP's sparsity, per epoch.
+    train_logs = read_scalars(os.path.join(workdir, "tensorboard", "train"))
+    assert set(train_logs["epoch_loss"]) == {0, 1}
+    np.testing.assert_allclose(
+        train_logs["epoch_loss"][1], report["history"]["loss"][1], rtol=1e-6)
+    assert 0 < train_logs["epoch_encoder_block_1_mlp/nonzero_fraction"][1] \
+        <= 0.25
+    eval_logs = read_scalars(os.path.join(workdir, "tensorboard",
+                                          "validation"))
+    assert set(eval_logs["epoch_accuracy"]) == {0, 1}
+    assert set(eval_logs["epoch_expected_calibration_error"]) == {0, 1}
+    sparsity_logs = read_scalars(os.path.join(workdir, "tensorboard",
+                                              "sparsity"))
+    # Written against optimizer steps: 3 per epoch.
+    assert set(sparsity_logs["sparsity/encoder/block_0/mlp/nonzero_fraction"]
+               ) == {3, 6}
+    assert 0 <= report["dead_fraction"]["encoder/block_1/mlp"] < 1
+    assert 0 <= report["eval"]["expected_calibration_error"] <= 1
+    assert report["label_noise"] == 0.0
+    # Calibration curves per epoch, the reliability diagram as an image.
+    calibration_logs = read_scalars(os.path.join(workdir, "tensorboard",
+                                                 "calibration"))
+    np.testing.assert_allclose(
+        calibration_logs["calibration/expected_calibration_error"][6],
+        report["eval"]["expected_calibration_error"], rtol=1e-5)
+    assert set(calibration_logs["calibration/brier_score"]) == {3, 6}
+    assert "calibration/reliability_diagram" in read_tags(
+        os.path.join(workdir, "tensorboard", "calibration"))
+    # Every corruption at severities 1 and 5, clean numbers equal evaluate's.
+    robust = report["robustness"]
+    assert list(robust["corruptions"]) == list(common.CORRUPTIONS)
+    assert set(robust["corruptions"]["contrast"]) == {"1", "5", "mean"}
+    np.testing.assert_allclose(robust["clean"]["accuracy"],
+                               report["eval"]["accuracy"], rtol=1e-6)
+    robust_logs = read_scalars(os.path.join(workdir, "tensorboard",
+                                            "robustness"))
+    np.testing.assert_allclose(
+        robust_logs["robustness/mean/accuracy"][6],
+        robust["mean"]["accuracy"], rtol=1e-6)
+
+
+def test_train_mirrored_mixed_precision(tmp_path):
+    config = load_config("vit_digits", "runlocal")
+    config.mixed_precision = "mixed_bfloat16"
+    config.model.k = None  # the dense baseline
+    config.eval.every_epochs = 0
+    report = training.train(config, str(tmp_path), mirrored_strategy())
+
+    assert report["strategy"] == "MirroredStrategy"
+    assert report["replicas"] == 2
+    # XLA fails on MirroredStrategy over CPU devices: train() turns it off.
+    assert report["jit_compile"] is False
+    assert np.isfinite(report["eval"]["loss"])
+    assert "val_loss" not in report["history"]
+    # Dense ReLU: about half the activations are positive at initialization.
+    for value in report["nonzero_fraction"].values():
+        assert 0.2 < value < 0.8
+    # The global policy is back to what it was.
+    assert keras.mixed_precision.global_policy().name == "float32"
+
+
+def test_train_cifar10_runlocal_on_mocked_tfds(tmp_path):
+    import tensorflow_datasets as tfds
+
+    data_dir = str(tmp_path / "tfds")
+    config = load_config("vit_cifar10", "runlocal")
+    config.jit_compile = False
+    config.data.data_dir = data_dir
+    config.data.label_noise = 0.4
+    config.eval.cifar10_corrupted = True
+    names = ["cifar10"] + [
+        f"cifar10_corrupted/{name}_{severity}"
+        for name in corruptions.BENCHMARK_CORRUPTIONS
+        for severity in config.eval.severities]
+    for name in names:  # prepared, as far as TFDS can tell
+        builder = tfds.builder(name, data_dir=data_dir)
+        builder.data_path.mkdir(parents=True)
+        builder.info.write_to_directory(builder.data_path)
+    with tfds.testing.mock_data(num_examples=24, data_dir=data_dir):
+        report = training.train(config, str(tmp_path / "run"))
+    assert report["dataset"] == "cifar10" and report["train_steps"] == 4
+    assert report["label_noise"] == 0.4
+    assert np.isfinite(report["eval"]["loss"])
+    benchmark = report["cifar10_corrupted"]
+    assert list(benchmark["corruptions"]) == list(
+        corruptions.BENCHMARK_CORRUPTIONS)
+    assert set(benchmark["corruptions"]["fog"]) == {"1", "5", "mean"}
+    assert "robustness/fog/accuracy" in read_tags(
+        str(tmp_path / "run" / "tensorboard" / "cifar10_corrupted"))
+
+
+@pytest.mark.parametrize("name", [
+    "vit_digits", "vit_cifar10", "vit_b16_imagenet", "t5_synthetic",
+    "t5_small_c4", "t5_base_c4", "t5_wmt"])
+def test_configs_build_and_document_themselves(name):
+    config, local = load_config(name), load_config(name, "runlocal")
+    for key in ("model", "optimizer", "data", "eval"):
+        assert key in config
+    assert local.epochs * local.steps_per_epoch <= 10
+    spec = importlib.util.spec_from_file_location(
+        name, os.path.join(CONFIGS, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert "python -m trainers." in module.__doc__
+    assert "Expected" in module.__doc__ or "Measured" in module.__doc__
+
+
+def test_non_finite_loss_fails_loudly_with_the_steps():
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    model.compile("sgd", "mse")
+    x = np.ones((4, 2), "float32")
+    y = np.array([[0.0], [0.0], [np.nan], [0.0]], "float32")
+    with pytest.raises(FloatingPointError,
+                       match=r"became nan between optimizer steps 2 "
+                             r"\(last finite\) and 3"):
+        model.fit(x, y, batch_size=1, verbose=0, shuffle=False,
+                  callbacks=[training.FailOnNonFiniteLoss()])
+
+
+def test_optimizer_schedules():
+    config = load_config("vit_digits")
+    opt = config.optimizer
+    opt.warmup_steps = 10
+    cosine = training._learning_rate(opt, total_steps=110)
+    lr = opt.learning_rate
+    rates = [float(cosine(step)) for step in (0, 5, 10, 60, 110)]
+    np.testing.assert_allclose(rates, [0, lr / 2, lr, lr / 2, 0], atol=1e-7)
+    opt.schedule = "constant"
+    constant = training._learning_rate(opt, total_steps=110)
+    np.testing.assert_allclose(float(constant(80)), lr, rtol=1e-6)
+    assert isinstance(training._make_optimizer(opt, 110),
+                      keras.optimizers.AdamW)
+    opt.schedule = "rsqrt"
+    rsqrt = training._learning_rate(opt, total_steps=110)
+    np.testing.assert_allclose([float(rsqrt(s)) for s in (0, 10, 40)],
+                               [lr, lr, lr / 2], rtol=1e-6)
+    opt.name = "adafactor"
+    assert isinstance(training._make_optimizer(opt, 110),
+                      keras.optimizers.Adafactor)
+    opt.name = "lamb"
+    with pytest.raises(ValueError, match="Unknown config.optimizer.name"):
+        training._make_optimizer(opt, total_steps=110)
+
+
+def test_config_arguments():
+    full, local = load_config("vit_digits"), load_config("vit_digits",
+                                                          "runlocal")
+    assert local.epochs < full.epochs and local.steps_per_epoch
+    assert load_config("vit_digits", "runlocal=False").epochs == full.epochs
+    with pytest.raises(ValueError, match="Unknown config argument 'fast'"):
+        load_config("vit_digits", "fast")
+    assert local.strategy == "cpu" and local.eval.severities == (1, 5)
+    assert full.model.name == "vit" and full.data.name == "digits"
+
+
+# T5 on the synthetic task.
+
+def test_train_t5_runlocal(tmp_path):
+    config = load_config("t5_synthetic", "runlocal")
+    config.strategy = "cpu"
+    config.jit_compile = False  # XLA: see the ViT test; it compiles slowly
+    workdir = str(tmp_path / "t5")
+    report = training.train(config, workdir)
+
+    _check_workdir(workdir, config, report)
+    assert report["model"] == "t5" and report["train_steps"] == 2 * 3
+    assert 0.0 <= report["eval"]["token_accuracy"] <= 1.0
+    assert 0.0 <= report["eval"]["exact_match"] <= 1.0
+    assert report["nonzero_fraction"]
+    for value in report["nonzero_fraction"].values():
+        assert 0.0 < value <= 0.5
+
+
+def test_train_t5_c4_runlocal_on_mocked_tfds(tmp_path):
+    import tensorflow_datasets as tfds
+
+    data_dir = str(tmp_path / "tfds")
+    builder = tfds.builder("c4", data_dir=data_dir)
+    builder.data_path.mkdir(parents=True)
+    builder.info.write_to_directory(builder.data_path)
+    config = load_config("t5_small_c4", "runlocal")
+    config.jit_compile = False
+    config.data.data_dir = data_dir
+    with tfds.testing.mock_data(num_examples=16, data_dir=data_dir):
+        report = training.train(config, str(tmp_path / "run"))
+    assert report["dataset"] == "c4" and report["train_steps"] == 2 * 2
+    assert np.isfinite(report["eval"]["loss"])
+
+
+def test_exact_match_ignores_what_follows_eos():
+    class Echo:
+        def generate(self, encoder_tokens, max_length):
+            return encoder_tokens[:, :max_length]
+
+    inputs = {"encoder_tokens": tf.constant([[5, 1, 9], [5, 6, 1]])}
+    targets = tf.constant([[5, 1, 0], [5, 7, 1]])
+    weights = tf.cast(targets > 0, tf.float32)
+    dataset = tf.data.Dataset.from_tensors((inputs, targets, weights))
+    assert training.exact_match(Echo(), dataset, 2) == 0.5
+
+
+# The binary.
+
+def test_killed_run_resumes_from_its_last_epoch(tmp_path):
+    # The binary under MirroredStrategy over two logical CPU devices.
+    workdir = str(tmp_path / "run")
+    args = ["-m", "trainers.vit", "--config=configs/vit_digits.py:runlocal",
+            "--config.epochs=20", "--config.eval.every_epochs=0",
+            "--config.eval.corruptions=()", "--config.strategy=mirrored",
+            "--config.num_cpu_devices=2", f"--workdir={workdir}"]
+    metadata = os.path.join(workdir, "backup", "training_metadata.json")
+
+    first = run_python(args)
+    deadline = time.time() + 120
+    while time.time() < deadline and first.poll() is None:
+        try:
+            with open(metadata) as f:
+                if json.load(f)["epoch"] >= 1:
+                    break
+        except (OSError, ValueError):  # not there yet, or half written
+            pass
+        time.sleep(0.05)
+    assert first.poll() is None, "the run ended before it could be killed:\n" \
+        + first.communicate()[0]
+    first.send_signal(signal.SIGKILL)
+    first.communicate()
+    assert first.returncode == -signal.SIGKILL
+    assert not os.path.exists(os.path.join(workdir, "report.json"))
+
+    second = run_python(args)
+    output = second.communicate(timeout=180)[0]
+    assert second.returncode == 0, output
+    with open(os.path.join(workdir, "report.json")) as f:
+        report = json.load(f)
+    resumed_at = report["epochs_run"][0]
+    assert 1 <= resumed_at < 20
+    assert report["epochs_run"] == list(range(resumed_at, 20))
+    assert f"Epoch {resumed_at + 1}/20" in output
+    assert "Epoch 1/20" not in output
+    # The optimizer state came back with the weights: no step was lost.
+    assert report["train_steps"] == 20 * 3
+    assert report["strategy"] == "MirroredStrategy" and \
+        report["replicas"] == 2
+
+
+def test_t5_binary_runs_its_default_config(tmp_path):
+    process = run_python(["-m", "trainers.t5",
+                          "--config=configs/t5_synthetic.py:runlocal",
+                          f"--workdir={tmp_path}"])
+    output = process.communicate(timeout=300)[0]
+    assert process.returncode == 0, output
+    assert "t5 on synthetic, k=64" in output and "exact_match" in output
+    with open(os.path.join(tmp_path, "report.json")) as f:
+        assert json.load(f)["train_steps"] == 2 * 3
+
+
+@pytest.mark.parametrize("override,expected", [
+    ("--config.model.kk=3", "Unknown config key 'kk' in --config.model.kk"
+                            ".*Did you mean \"k\"\\?.*Valid keys of "
+                            "config.model: .*method, name"),
+    ("--config.modle.k=3", "Unknown config key 'modle'.*Did you mean "
+                           "\"model\"\\?.*Valid keys of config: "),
+])
+def test_unknown_config_key_lists_the_valid_keys(override, expected):
+    process = run_python(["-m", "trainers.vit", override,
+                          "--workdir=/nonexistent/never_written"])
+    output = process.communicate(timeout=120)[0]
+    assert process.returncode == 1, output
+    assert "Traceback" not in output, output
+    assert re.search(expected, output, re.S), output

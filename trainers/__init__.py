@@ -1,0 +1,134 @@
+"""absl-flag training binaries: `python -m trainers.vit`, `trainers.t5`.
+
+Each has two flags, as in big_vision: `--config` (a configs/*.py file,
+locked, with fields overridable as `--config.model.k=32`) and `--workdir`.
+Everything else lives in the config; the work is `topk_sparse.training`.
+"""
+
+import contextlib
+import difflib
+import os
+import sys
+
+# TensorFlow's C++ INFO lines (CPU features, end of each dataset pass):
+# warnings and errors still show.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+_default_config = None
+_flags = None
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__))), "configs")
+
+
+def define_flags(default_config, default_workdir):
+    """Defines `--config` (default `configs/<default_config>`) and
+    `--workdir`."""
+    global _default_config, _flags
+    _default_config = os.path.join(CONFIGS, default_config)
+    # Without --config, the default file and the overrides are parsed here,
+    # when the flag is defined, rather than in app.run.
+    with _clear_override_errors():
+        config = config_flags.DEFINE_config_file(
+            "config", _default_config,
+            "Training config file, optionally with an argument: "
+            "configs/vit_digits.py:runlocal.", lock_config=True)
+    workdir = flags.DEFINE_string(
+        "workdir", default_workdir,
+        "Folder for config.json, TensorBoard logs, the backup a killed run "
+        "resumes from, report.json and model.keras.")
+    _flags = (config, workdir)
+
+
+def run(model_name):
+    """Parses the flags and trains the config, whose `model.name` must be
+    `model_name`; config override errors list the valid keys."""
+    import tensorflow as tf
+
+    from topk_sparse import training
+
+    def main(argv):
+        if len(argv) > 1:
+            raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+        config, workdir = (holder.value for holder in _flags)
+        if config.model.name != model_name:
+            raise app.UsageError(
+                f"trainers.{model_name} trains config.model.name="
+                f"{model_name!r}, got {config.model.name!r}: use "
+                f"trainers.{config.model.name}.")
+        training.train(config, workdir)
+
+    # tf.distribute logs every all-reduce at INFO: keep the log readable.
+    tf.get_logger().setLevel("WARNING")
+    app.run(main, flags_parser=_parse_flags)
+
+
+def _parse_flags(argv):
+    with _clear_override_errors(argv):
+        try:
+            return flags.FLAGS(argv)
+        except flags.Error as e:
+            _fail(str(e))
+
+
+@contextlib.contextmanager
+def _clear_override_errors(argv=None):
+    """Turns ml_collections' override errors into one line and exit 1.
+
+    For an override of an unknown key it raises these raw, with a traceback
+    and only the bad name: `AttributeError: "'kk'"`.
+    """
+    argv = sys.argv if argv is None else argv
+    try:
+        yield
+    except (AttributeError, KeyError) as e:
+        _fail(_unknown_key_message(argv) or f"{type(e).__name__}: {e}")
+    except config_flags.config_flags.UnsupportedOperationError as e:
+        _fail(str(e))
+
+
+def _fail(message):
+    sys.stderr.write(f"FATAL Flags parsing error: {message}\n"
+                     f"Pass --helpshort or --helpfull to see help on flags.\n")
+    sys.exit(1)
+
+
+def _unknown_key_message(argv):
+    """Names the first `--config.<path>` override whose path does not exist,
+    with the keys valid at that level."""
+    spec = _config_spec(argv) or _default_config
+    path, _, arg = str(spec).partition(":")
+    try:
+        values = config_flags.config_flags._LoadConfigModule(
+            "config_for_errors", path).get_config(*([arg] if arg else []))
+    except Exception:  # pylint: disable=broad-except
+        return None  # the config itself fails: let its own error show
+    for item in argv[1:]:
+        name = item.lstrip("-").split("=", 1)[0]
+        if not name.startswith("config."):
+            continue
+        node, parts = values, name.split(".")[1:]
+        for depth, part in enumerate(parts):
+            keys = sorted(node.keys()) if hasattr(node, "keys") else []
+            if part not in keys:
+                where = ".".join(["config", *parts[:depth]])
+                close = difflib.get_close_matches(part, keys, n=1)
+                hint = f' Did you mean "{close[0]}"?' if close else ""
+                return (f"Unknown config key {part!r} in --{name} (config "
+                        f"file {path}).{hint} Valid keys of {where}: "
+                        f"{', '.join(keys) or '(none: not a section)'}.")
+            node = node[part]
+    return None
+
+
+def _config_spec(argv):
+    """The value given to `--config`, or None."""
+    for i, item in enumerate(argv):
+        if item.startswith(("--config=", "-config=")):
+            return item.split("=", 1)[1]
+        if item in ("--config", "-config") and i + 1 < len(argv):
+            return argv[i + 1]
+    return None
