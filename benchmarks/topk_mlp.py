@@ -4,7 +4,9 @@ Prints two tables and writes them as JSON:
 - training: forward+backward of one MLP block, Top-k (each method) over the
   dense ReLU MLP, in tf.function and jit_compile=True modes;
 - inference: forward of the gathered path (`implementation="gather"`) and
-  the masked path over the dense MLP, at several batch sizes.
+  the masked path over the dense MLP, at several batch sizes (tokens per
+  call): where the gathered path stops paying is `implementation="auto"`'s
+  switch point, `topk_sparse.layers.GATHER_MAX_SHARE`.
 
 Cases are interleaved repeat by repeat, so a slow moment of this shared
 machine hits them all alike; ratios use medians. Sparsity tracking is off in
@@ -50,15 +52,21 @@ def _forward(layer, x, jit):
     return tf.function(lambda: layer(x), jit_compile=jit)
 
 
-def _measure(cases, repeats):
-    """Runs each case once to compile, then `repeats` interleaved rounds."""
+def measure(cases, repeats):
+    """Times each case (a function) over `repeats` interleaved rounds, after
+    one call to trace and compile it; returns `{name: [seconds]}`.
+
+    Each round starts one case later, so that no case always runs first
+    (after the others have pushed its weights out of the cache)."""
     for fn in cases.values():
-        tf.nest.map_structure(lambda t: t.numpy(), fn())
+        tf.nest.map_structure(np.asarray, fn())
     times = {name: [] for name in cases}
-    for _ in range(repeats):
-        for name, fn in cases.items():
+    names = list(cases)
+    for i in range(repeats):
+        for name in names[i % len(names):] + names[:i % len(names)]:
+            fn = cases[name]
             start = time.perf_counter()
-            tf.nest.map_structure(lambda t: t.numpy(), fn())
+            tf.nest.map_structure(np.asarray, fn())
             times[name].append(time.perf_counter() - start)
     return times
 
@@ -83,7 +91,7 @@ def training_table(args):
             cases[f"top-{args.k} {method}"] = _train_step(layer, x, jit)
         mode = "jit_compile" if jit else "tf.function"
         rows += [{"mode": mode, **row} for row in
-                 _rows(_measure(cases, args.repeats), "dense relu")]
+                 _rows(measure(cases, args.repeats), "dense relu")]
     return rows
 
 
@@ -101,21 +109,25 @@ def inference_table(args):
                      f"top-{args.k} masked": _forward(masked, x, jit),
                      f"top-{args.k} gather": _forward(gather, x, jit)}
             mode = "jit_compile" if jit else "tf.function"
+            # Calls of few tokens take about a millisecond: more repeats.
+            repeats = args.repeats * max(1, 64 // batch)
             rows += [{"batch": batch, "mode": mode, **row} for row in
-                     _rows(_measure(cases, args.repeats), "dense relu")]
+                     _rows(measure(cases, repeats), "dense relu")]
     return rows
 
 
-def _print(title, rows, keys):
+def print_table(title, rows, keys):
+    """`rows` (dicts) as a Markdown table of `keys`; ms to 0.1, floats to
+    0.001, None as "-"."""
     print(f"\n{title}")
-    header = keys + ["min_ms", "median_ms", "ratio"]
-    print(" | ".join(header))
-    print(" | ".join("---" for _ in header))
+    print(" | ".join(keys))
+    print(" | ".join("---" for _ in keys))
     for row in rows:
         print(" | ".join(
-            f"{row[k]:.3f}" if k == "ratio" else
-            f"{row[k]:.1f}" if k.endswith("_ms") else str(row[k])
-            for k in header))
+            "-" if row[k] is None else
+            f"{row[k]:.1f}" if k.endswith("_ms") else
+            f"{row[k]:.3f}" if isinstance(row[k], float) else str(row[k])
+            for k in keys))
 
 
 def main():
@@ -126,8 +138,9 @@ def main():
     parser.add_argument("--tokens", type=int, default=2048,
                         help="tokens per training step")
     parser.add_argument("--batches", type=int, nargs="+",
-                        default=[1, 16, 128, 2048])
-    parser.add_argument("--methods", nargs="+", default=["exact", "approx"])
+                        default=[1, 4, 8, 16, 128, 2048])
+    parser.add_argument("--methods", nargs="+",
+                        default=["exact", "approx", "statistical"])
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--json", default="benchmarks/topk_mlp.json")
     args = parser.parse_args()
@@ -135,12 +148,13 @@ def main():
     result = {"args": vars(args), "tensorflow": tf.__version__,
               "cpu_count": os.cpu_count()}
     result["training"] = training_table(args)
-    _print(f"Training step (fwd+bwd), {args.tokens} tokens, d={args.d_model}, "
-           f"hidden={args.hidden}: time / dense", result["training"],
-           ["mode", "case"])
+    columns = ["min_ms", "median_ms", "ratio"]
+    print_table(f"Training step (fwd+bwd), {args.tokens} tokens, "
+                f"d={args.d_model}, hidden={args.hidden}: time / dense",
+                result["training"], ["mode", "case", *columns])
     result["inference"] = inference_table(args)
-    _print("Inference (forward): time / dense", result["inference"],
-           ["batch", "mode", "case"])
+    print_table("Inference (forward): time / dense", result["inference"],
+                ["batch", "mode", "case", *columns])
     with open(args.json, "w") as f:
         json.dump(result, f, indent=1)
     print(f"\nwrote {args.json}")

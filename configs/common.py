@@ -97,7 +97,7 @@ def model(name, k, method="auto", **architecture):
     section = ml_collections.ConfigDict({"name": name, **architecture})
     section.k = config_dict.placeholder(object)
     section.k = k
-    section.method = method  # approx_max_k on TPU, exact elsewhere
+    section.method = method  # one of topk_sparse.ops.METHODS
     return section
 
 

@@ -24,7 +24,8 @@ CALIBRATION_TAGS = {f"calibration/{name}" for name in (
 
 def sparsity_tags(paths, histograms=True):
     names = ["nonzero_fraction", "dead_fraction"]
-    names += ["neuron_fire_rate"] if histograms else []
+    names += ["neuron_fire_rate", "token_nonzero_fraction"] if histograms \
+        else []
     return {f"sparsity/{p}/{n}" for p in paths for n in names} | {
         "sparsity/mean_nonzero_fraction", "sparsity/mean_dead_fraction"}
 
@@ -91,10 +92,20 @@ def check_sparsity_values(events, model, history, paths=LAYERS):
         np.testing.assert_allclose(
             last(events, f"sparsity/{path}/dead_fraction"),
             float(sparsity.dead_fraction()), rtol=1e-6)
-        # The histogram holds one rate per hidden neuron.
+        # One rate per hidden neuron; one fraction per training token.
         buckets = events[f"sparsity/{path}/neuron_fire_rate"][-1][1]
         assert buckets[:, 2].sum() == 16
         assert buckets[:, 0].min() >= 0 and buckets[:, 1].max() <= 1
+        np.testing.assert_allclose(
+            buckets[:, 2] @ (buckets[:, 0] + buckets[:, 1]) / 2 / 16,
+            nonzero, rtol=0.1)
+        tokens = events[f"sparsity/{path}/token_nonzero_fraction"][-1][1]
+        assert tokens[:, 2].sum() == float(sparsity.token_count.numpy())
+        fractions, token_counts = sparsity.token_nonzero_fractions()
+        assert tokens[0, 0] == fractions.min()
+        assert tokens[-1, 1] == fractions.max()
+        np.testing.assert_allclose(
+            fractions @ token_counts / token_counts.sum(), nonzero, rtol=1e-6)
     mean = np.mean([history[f"{p}/nonzero_fraction"][-1] for p in paths])
     np.testing.assert_allclose(last(events, "sparsity/mean_nonzero_fraction"),
                                mean, rtol=1e-6)
@@ -136,6 +147,8 @@ def test_sparsity_callback_epochs_with_validation(tmp_path):
     assert set(events) == sparsity_tags(LAYERS)
     assert plugins["sparsity/mean_nonzero_fraction"] == "scalars"
     assert plugins[f"sparsity/{LAYERS[0]}/neuron_fire_rate"] == "histograms"
+    assert plugins[f"sparsity/{LAYERS[0]}/token_nonzero_fraction"] \
+        == "histograms"
     for tag in events:
         assert steps(events, tag) == [3, 6]
     assert int(model.optimizer.iterations.numpy()) == 6

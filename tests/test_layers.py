@@ -12,14 +12,15 @@ from topk_sparse import SparseMLP, TopKActivation
 from tests.test_ops import reference_topk_mask
 
 
-@pytest.mark.parametrize("method", ["exact", "approx", "auto"])
+@pytest.mark.parametrize("method", ["exact", "approx", "auto", "statistical"])
 def test_topk_activation(method, tmp_path):
     kwargs = {"k": 3, "method": method}
     mirrored, history = check_layer(TopKActivation, kwargs, (5, 12), (5, 12),
                                     0, tmp_path)
     # The layer's nonzero fraction reaches the History, under MirroredStrategy.
     fraction = history.history["under_test/nonzero_fraction"][0]
-    assert 0 < fraction <= 3 / 12
+    # "statistical" keeps about k: a cutoff, not a count.
+    assert 0 < fraction <= (0.5 if method == "statistical" else 3 / 12)
     sparsity = mirrored.get_layer("under_test").sparsity
     assert float(sparsity.token_count.numpy()) == 10 * 5
 
@@ -29,8 +30,9 @@ def test_topk_activation(method, tmp_path):
     {"k": 4, "method": "exact"},
     {"k": 4, "method": "approx", "recall_target": 0.9},
     {"k": 4, "implementation": "gather"},
+    {"k": 4, "method": "statistical", "implementation": "gather"},
     {"k": 4, "output_dim": 6, "use_bias": False},
-], ids=["dense", "exact", "approx", "gather", "no_bias"])
+], ids=["dense", "exact", "approx", "gather", "statistical", "no_bias"])
 def test_sparse_mlp(kwargs, tmp_path):
     kwargs = {"hidden_dim": 16, **kwargs}
     out_dim = kwargs.get("output_dim", 8)
@@ -39,8 +41,37 @@ def test_sparse_mlp(kwargs, tmp_path):
                                     weights, tmp_path)
     fraction = history.history["under_test/nonzero_fraction"][0]
     assert 0 < fraction <= (kwargs["k"] or 16) / 16
-    assert float(mirrored.get_layer("under_test").sparsity.token_count.numpy()) \
-        == 10 * 5
+    sparsity = mirrored.get_layer("under_test").sparsity
+    assert float(sparsity.token_count.numpy()) == 10 * 5
+    # The per-token distribution adds up over replicas too.
+    fractions, tokens = sparsity.token_nonzero_fractions()
+    assert tokens.sum() == 10 * 5
+    np.testing.assert_allclose(fractions @ tokens / 50, fraction, rtol=1e-5)
+
+
+@pytest.mark.parametrize("k,shape,gathers,method", [
+    # hidden 384: a sixth is 64 rows of the output kernel.
+    (4, (1, 32), True, "auto"), (4, (1, 16, 32), True, "auto"),
+    (4, (17, 32), False, "auto"), (4, (2, 16, 32), False, "auto"),
+    (4, (None, 32), False, "auto"), (64, (1, 32), True, "auto"),
+    (64, (2, 32), False, "auto"), (4, (1, 32), False, "statistical")])
+def test_auto_gathers_only_few_tokens(k, shape, gathers, method,
+                                      monkeypatch):
+    calls = []
+    product = topk_sparse.ops.sparse_mlp_product
+    monkeypatch.setattr(topk_sparse.ops, "sparse_mlp_product",
+                        lambda *a: calls.append(1) or product(*a))
+    layer = SparseMLP(384, k=k, method=method)  # implementation="auto"
+    layer.build((None, 32))
+    reference = SparseMLP(384, k=k, method=method, implementation="masked")
+    reference.build((None, 32))
+    reference.set_weights(layer.get_weights())
+    static = [d or 5 for d in shape]
+    x = np.random.default_rng(0).normal(size=static).astype("float32")
+    call = tf.function(layer, input_signature=[
+        tf.TensorSpec(shape, tf.float32)])
+    np.testing.assert_allclose(call(x), reference(x), rtol=1e-5, atol=1e-5)
+    assert bool(calls) == gathers
 
 
 def test_masked_and_gather_paths_agree():
@@ -53,8 +84,10 @@ def test_masked_and_gather_paths_agree():
     gather.set_weights(masked.get_weights())
     np.testing.assert_allclose(gather(x), masked(x), rtol=1e-5, atol=1e-5)
     assert float(gather.sparsity.result()) == float(masked.sparsity.result())
-    np.testing.assert_array_equal(gather.sparsity.neuron_fire_count.numpy(),
-                                  masked.sparsity.neuron_fire_count.numpy())
+    for name in ("neuron_fire_count", "tokens_by_nonzero_count"):
+        np.testing.assert_array_equal(
+            getattr(gather.sparsity, name).numpy(),
+            getattr(masked.sparsity, name).numpy())
     # Gradients agree too.
     grads = []
     for layer in (masked, gather):

@@ -159,16 +159,6 @@ def test_auto_and_approx_use_approx_max_k_on_tpu(monkeypatch):
     assert ops.resolve_method("auto") == "exact"
 
 
-def test_sparse_mlp_product_equals_masked_dense():
-    x = tf.random.stateless_normal([2, 5, 96], seed=[1, 1])
-    kernel = tf.random.stateless_normal([96, 12], seed=[2, 2])
-    values, indices = ops.topk_indices(tf.nn.relu(x), 10)
-    dense = tf.tensordot(ops.topk_mask(x, 10), kernel, 1)
-    np.testing.assert_allclose(
-        ops.sparse_mlp_product(values, indices, kernel).numpy(),
-        dense.numpy(), rtol=1e-5, atol=1e-5)
-
-
 @pytest.mark.parametrize("k,match", [
     (0, "positive int"), (-3, "positive int"), (2.0, "positive int"),
     (True, "positive int"), (9, "larger than")])
@@ -189,3 +179,71 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="last axis"):
         tf.function(lambda x: ops.topk_mask(x, 2)).get_concrete_function(
             tf.TensorSpec([2, None]))
+
+
+def reference_statistical(x, k):
+    """numpy: keep the positive entries above mean + std * Φ⁻¹(1 - k/n)."""
+    from scipy.stats import norm
+    x64 = x.astype(np.float64)
+    cutoff = x64.mean(-1, keepdims=True) + norm.ppf(1 - k / x.shape[-1]) \
+        * x64.std(-1, keepdims=True)
+    return np.where(x64 > np.maximum(cutoff, 0), x, 0).astype(x.dtype)
+
+
+def test_statistical_keeps_what_exceeds_the_gaussian_cutoff():
+    x = tf.random.stateless_normal([512, 3072], seed=[10, 1]) + 0.3
+    y = ops.topk_mask(x, 64, method="statistical").numpy()
+    expected = reference_statistical(x.numpy(), 64)
+    # float32 moments vs float64: entries within rounding of the cutoff may
+    # flip; a handful at most.
+    assert (y != expected).sum() <= 5
+    counts = (y > 0).sum(-1)
+    assert abs(counts.mean() - 64) < 2  # about k per row on Gaussian rows
+    assert counts.std() < 12
+    # A row with too few positives keeps only those; k == n is ReLU.
+    small = tf.constant([[-1.0, -2.0, 3.0, -4.0]])
+    np.testing.assert_array_equal(
+        ops.topk_mask(small, 2, method="statistical"), [[0, 0, 3, 0]])
+    np.testing.assert_array_equal(
+        ops.topk_mask(small, 4, method="statistical"), tf.nn.relu(small))
+
+
+def test_statistical_unknown_dims_gradient_jit_and_bfloat16():
+    x = tf.random.stateless_normal([3, 7, 256], seed=[11, 2])
+
+    @tf.function(input_signature=[tf.TensorSpec([None, None, 256])])
+    def masked_and_grad(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = ops.topk_mask(x, 16, method="statistical")
+            loss = tf.reduce_sum(y)
+        return y, tape.gradient(loss, x)
+
+    y, grad = masked_and_grad(x)
+    np.testing.assert_array_equal(grad.numpy(), (y.numpy() != 0))
+    compiled = tf.function(lambda x: ops.topk_mask(x, 16, "statistical"),
+                           jit_compile=True)(x)
+    assert (compiled.numpy() != y.numpy()).sum() <= 2
+    y16 = ops.topk_mask(tf.cast(x, tf.bfloat16), 16, "statistical")
+    assert y16.dtype == tf.bfloat16
+    assert abs(float(tf.reduce_mean(tf.cast(y16 > 0, tf.float32))) * 256
+               - float(tf.reduce_mean(tf.cast(y > 0, tf.float32))) * 256) < 1
+
+
+@pytest.mark.parametrize("method", ["exact", "approx", "statistical"])
+def test_topk_activations_feed_the_sparse_product(method):
+    x = tf.random.stateless_normal([4, 5, 96], seed=[1, 1])
+    kernel = tf.random.stateless_normal([96, 12], seed=[2, 2])
+    values, indices = ops.topk_activations(x, 10, method)
+    assert values.shape == indices.shape == (4, 5, 10)
+    kept = ops.topk_mask(x, 10, method).numpy()
+    if method == "statistical":  # some rows pass more than k: cover both
+        counts = (kept > 0).sum(-1)
+        assert counts.max() > 10 and counts.min() <= 10
+    # The gathered product sums the k largest of the kept activations.
+    expected = reference_topk_mask(kept, 10) @ kernel.numpy()
+    np.testing.assert_allclose(
+        ops.sparse_mlp_product(values, indices, kernel).numpy(),
+        expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="statistical"):
+        ops.topk_indices(x, 10, "statistical")

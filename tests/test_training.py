@@ -384,13 +384,18 @@ def test_killed_run_resumes_from_its_last_epoch(tmp_path):
         report["replicas"] == 2
 
 
-def test_t5_binary_runs_its_default_config(tmp_path):
+@pytest.mark.parametrize("flags,strategy", [
+    ([], "DefaultDistributionStrategy x1"),
+    (["--config.strategy=mirrored", "--config.num_cpu_devices=2"],
+     "MirroredStrategy x2")], ids=["default", "mirrored"])
+def test_t5_binary_runs_its_default_config(tmp_path, flags, strategy):
     process = run_python(["-m", "trainers.t5",
                           "--config=configs/t5_synthetic.py:runlocal",
-                          f"--workdir={tmp_path}"])
+                          *flags, f"--workdir={tmp_path}"])
     output = process.communicate(timeout=300)[0]
     assert process.returncode == 0, output
     assert "t5 on synthetic, k=64" in output and "exact_match" in output
+    assert strategy in output
     with open(os.path.join(tmp_path, "report.json")) as f:
         assert json.load(f)["train_steps"] == 2 * 3
 

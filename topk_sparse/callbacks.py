@@ -7,8 +7,9 @@ resulting classifier is (Table 1: Top-k lowers ViT's ECE from 8.42 to 7.48).
 
 - `SparsityCallback` reads the `ActivationSparsity` metric that every
   `SparseMLP` / `TopKActivation` owns (`layer.sparsity`) and writes, per layer,
-  `sparsity/<path>/nonzero_fraction`, `sparsity/<path>/dead_fraction` and a
-  histogram `sparsity/<path>/neuron_fire_rate`, plus
+  `sparsity/<path>/nonzero_fraction`, `sparsity/<path>/dead_fraction` and
+  the histograms `sparsity/<path>/neuron_fire_rate` and
+  `sparsity/<path>/token_nonzero_fraction`, plus
   `sparsity/mean_nonzero_fraction` and `sparsity/mean_dead_fraction`.
 - `CalibrationCallback` runs the model over held-out data and writes
   `calibration/expected_calibration_error`, `.../negative_log_likelihood`,
@@ -41,12 +42,37 @@ import os
 
 import keras
 import numpy as np
+from tensorboard.plugins.histogram import metadata as histogram_metadata
 import tensorflow as tf
 
 from topk_sparse.calibration import (BrierScore, ExpectedCalibrationError,
                                      NegativeLogLikelihood,
                                      reliability_diagram_image)
 from topk_sparse.sparsity import ActivationSparsity
+
+_HISTOGRAM_METADATA = histogram_metadata.create_summary_metadata(
+    display_name=None, description=None)
+
+
+def _histogram_buckets(values, weights=None, num_buckets=30):
+    """TensorBoard histogram buckets of `values`, each counted `weights`
+    times (None: once).
+
+    The `[buckets, 3]` (left edge, right edge, count) tensor that
+    `tf.summary.histogram` writes, from values with multiplicities: a
+    histogram over millions of tokens from their few distinct values.
+    """
+    values = np.asarray(values, np.float64).reshape(-1)
+    weights = np.ones_like(values) if weights is None else np.asarray(
+        weights, np.float64).reshape(-1)
+    if values.size == 0:
+        return np.zeros((num_buckets, 3))
+    low, high = values.min(), values.max()
+    if low == high:
+        return np.array([[low, high, weights.sum()]])
+    edges = np.linspace(low, high, num_buckets + 1)
+    totals, _ = np.histogram(values, bins=edges, weights=weights)
+    return np.stack([edges[:-1], edges[1:], totals], axis=1)
 
 
 class _SummaryCallback(keras.callbacks.Callback):
@@ -73,8 +99,9 @@ class _SummaryCallback(keras.callbacks.Callback):
         with self._writer.as_default(step=step):
             for tag, value in scalars.items():
                 tf.summary.scalar(tag, value)
-            for tag, value in (histograms or {}).items():
-                tf.summary.histogram(tag, value)
+            for tag, (values, weights) in (histograms or {}).items():
+                tf.summary.write(tag, _histogram_buckets(values, weights),
+                                 metadata=_HISTOGRAM_METADATA)
             for tag, value in (images or {}).items():
                 tf.summary.image(tag, value)
         self._writer.flush()
@@ -121,8 +148,11 @@ class SparsityCallback(_SummaryCallback):
     `sparsity/<path>/nonzero_fraction` (the share of hidden activations that
     are nonzero, per token, the measure of the Lazy Neuron paper),
     `sparsity/<path>/dead_fraction` (share of neurons that never fired) and,
-    with `histograms=True`, `sparsity/<path>/neuron_fire_rate` (per neuron,
-    the share of tokens it fired on); and over layers
+    with `histograms=True`, the histograms `sparsity/<path>/neuron_fire_rate`
+    (per neuron, the share of tokens it fired on) and
+    `sparsity/<path>/token_nonzero_fraction` (per token, the share of
+    neurons that fired: the distribution behind `nonzero_fraction`); and
+    over layers
     `sparsity/mean_nonzero_fraction` and `sparsity/mean_dead_fraction`.
 
     Keras resets the layers' metrics at the start of every epoch, so each
@@ -134,8 +164,8 @@ class SparsityCallback(_SummaryCallback):
       log_dir: str or path. Directory of the TensorBoard event file.
       update_freq: `"epoch"` (default) writes at the end of every epoch; an
         int `n` also writes every `n` optimizer steps.
-      histograms: bool. Whether to write `neuron_fire_rate` histograms.
-        Defaults to True.
+      histograms: bool. Whether to write the two histograms. Defaults to
+        True.
 
     Example:
     >>> callback = SparsityCallback("/tmp/logs", update_freq=100)
@@ -217,14 +247,16 @@ class SparsityCallback(_SummaryCallback):
         return {
             path: (float(metric.token_count.numpy()),
                    float(metric.nonzero_count.numpy()),
-                   np.asarray(metric.neuron_fire_count.numpy()))
+                   np.asarray(metric.neuron_fire_count.numpy()),
+                   metric.token_nonzero_fractions())
             for path, metric in self._metrics.items()
         }
 
     def _summarize(self, step, state, write=True):
         scalars, histograms = {}, {}
         nonzero, dead = [], []
-        for path, (tokens, nonzero_count, fire_count) in state.items():
+        for path, (tokens, nonzero_count, fire_count,
+                   token_fractions) in state.items():
             if tokens == 0:  # not called since the last reset: nothing to say
                 continue
             nonzero.append(nonzero_count / (tokens * fire_count.size))
@@ -233,7 +265,9 @@ class SparsityCallback(_SummaryCallback):
             scalars[f"sparsity/{path}/dead_fraction"] = dead[-1]
             if self.histograms:
                 histograms[f"sparsity/{path}/neuron_fire_rate"] = (
-                    fire_count / tokens)
+                    fire_count / tokens, None)
+                histograms[f"sparsity/{path}/token_nonzero_fraction"] = (
+                    token_fractions)
         summary = {}
         if nonzero:
             summary = {"mean_nonzero_fraction": float(np.mean(nonzero)),

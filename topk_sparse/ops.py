@@ -10,13 +10,17 @@ The Top-k MLP of *The Lazy Neuron Phenomenon* (arXiv 2210.06313) computes
 - `topk_indices`: per row (last axis), the positions and values of the `k`
   largest activations, by one of the `METHODS`;
 - `topk_mask`: ReLU, then keep per row those `k` activations, zero the rest;
+- `topk_activations`: the same kept activations as `(values, indices)`;
 - `sparse_mlp_product`: the second MLP projection computed from the kept
   activations only, by gathering `k` rows of the output kernel.
 
-Every method selects *indices* and the mask is built from them, so the masked
-and the gathered paths keep exactly the same entries. The tie rule is that of
-`tf.math.top_k`: among equal values the lower index wins, so a row keeps
-exactly `k` entries (and fewer nonzeros when fewer than `k` are positive).
+The `"exact"` and `"approx"` methods select *indices* and the mask is built
+from them, so the masked and the gathered paths keep exactly the same
+entries. The tie rule is that of `tf.math.top_k`: among equal values the
+lower index wins, so a row keeps exactly `k` entries (and fewer nonzeros when
+fewer than `k` are positive). `"statistical"` instead keeps what exceeds a
+per-row cutoff estimated from the row's mean and standard deviation: about
+`k` entries, in linear time and without a sort.
 
 Why indices and not a value threshold: under `jit_compile=True` on CPU, XLA
 rewrites a `top_k` whose indices are unused into a full sort of the row, and a
@@ -26,13 +30,16 @@ measured here); with the indices consumed it stays XLA's `TopK` kernel
 """
 
 import math
+import statistics
 
 import tensorflow as tf
 
-METHODS = ("auto", "exact", "approx")
+METHODS = ("auto", "exact", "approx", "statistical")
 """Top-k methods. `"exact"`: `tf.math.top_k`. `"approx"`: TPU-KNN's binned
 approximation (`tf.math.approx_max_k` on TPU, the same algorithm in portable
-ops elsewhere). `"auto"`: `"approx"` on TPU, `"exact"` elsewhere."""
+ops elsewhere). `"statistical"`: the Gaussian cutoff of Spark Transformer
+(arXiv 2506.06644), keeping about `k` per row. `"auto"`: `"approx"` on TPU,
+`"exact"` elsewhere."""
 
 FLOAT_DTYPES = (tf.float16, tf.bfloat16, tf.float32, tf.float64)
 
@@ -77,7 +84,7 @@ def on_tpu():
 
 
 def resolve_method(method):
-    """The concrete method ("exact" or "approx") that `method` runs here."""
+    """The concrete method that `method` runs here (`"auto"` resolved)."""
     validate_method(method)
     if method == "auto":
         # Off TPU, approx_max_k itself is exact and the portable binned
@@ -174,7 +181,8 @@ def topk_indices(x, k, method="auto", recall_target=0.95):
     Args:
       x: float tensor `[..., n]` (pre- or post-ReLU activations).
       k: int. Entries kept per row, `0 < k <= n`.
-      method: one of `METHODS`.
+      method: one of `METHODS` but `"statistical"`, which selects no
+        indices.
       recall_target: float in (0, 1]. Expected recall of the `"approx"`
         method (ignored by `"exact"`).
 
@@ -188,6 +196,10 @@ def topk_indices(x, k, method="auto", recall_target=0.95):
     x = tf.stop_gradient(_check_operand(x, k))
     validate_recall_target(recall_target)
     method = resolve_method(method)
+    if method == "statistical":
+        raise ValueError(
+            'method="statistical" keeps entries above a cutoff, not k '
+            'indices: use topk_mask or topk_activations.')
     if method == "exact":
         return tf.math.top_k(x, k, sorted=True)
     if on_tpu():
@@ -242,6 +254,36 @@ def indices_to_mask(indices, n, dtype):
     return tf.reshape(mask, tf.concat([tf.shape(indices)[:-1], [n]], axis=0))
 
 
+def statistical_cutoff(x, k):
+    """Per-row cutoff above which about `k` of the `n` entries lie.
+
+    `mean + std · Φ⁻¹(1 - k/n)` over the last axis: exact in expectation for
+    Gaussian rows, which pre-activations of wide layers roughly are (Spark
+    Transformer, arXiv 2506.06644). Linear time, no sort; moments in float32.
+    A row whose entries are all equal (std 0) keeps none of them.
+
+    Returns:
+      float32 `[..., 1]`, without gradient.
+    """
+    x = tf.stop_gradient(_check_operand(x, k))
+    n = x.shape[-1]
+    if k == n:
+        return tf.fill(tf.concat([tf.shape(x)[:-1], [1]], 0), -math.inf)
+    z = statistics.NormalDist().inv_cdf(1.0 - k / n)
+    x = tf.cast(x, tf.float32)
+    mean = tf.reduce_mean(x, axis=-1, keepdims=True)
+    variance = tf.reduce_mean(tf.math.squared_difference(x, mean), axis=-1,
+                              keepdims=True)
+    return mean + z * tf.sqrt(variance)
+
+
+def _above_cutoff(x, k):
+    """ReLU, then zero what is not above the statistical cutoff."""
+    # Compared in float32: a bfloat16 cutoff would shift the kept count.
+    cutoff = tf.maximum(statistical_cutoff(x, k), 0.0)
+    return x * tf.cast(tf.cast(x, tf.float32) > cutoff, x.dtype)
+
+
 def topk_mask(x, k, method="auto", recall_target=0.95):
     """ReLU, then keep per row the `k` largest activations and zero the rest.
 
@@ -253,7 +295,8 @@ def topk_mask(x, k, method="auto", recall_target=0.95):
       x: float tensor `[..., n]`, the pre-activations; leading dimensions may
         be unknown (None).
       k: int. Activations kept per row, `0 < k <= n`.
-      method: one of `METHODS` (see `topk_indices`).
+      method: one of `METHODS` (see `topk_indices`); `"statistical"` keeps
+        the positive entries above `statistical_cutoff(x, k)`, about `k`.
       recall_target: float in (0, 1]. Expected recall for `"approx"`.
 
     Returns:
@@ -264,9 +307,27 @@ def topk_mask(x, k, method="auto", recall_target=0.95):
     array([[3., 0., 0., 5.]], dtype=float32)
     """
     x = _check_operand(x, k)
+    if resolve_method(method) == "statistical":
+        return _above_cutoff(x, k)
     activations = tf.nn.relu(x)
     _, indices = topk_indices(activations, k, method, recall_target)
     return activations * indices_to_mask(indices, x.shape[-1], x.dtype)
+
+
+def topk_activations(x, k, method="auto", recall_target=0.95):
+    """The activations `topk_mask` keeps, as `(values, indices)`, `[..., k]`.
+
+    The input of `sparse_mlp_product`. Values are differentiable. For
+    `"statistical"`, the `k` largest of the entries above the cutoff, zeros
+    where fewer pass it: equal to `topk_mask`'s when at most `k` pass.
+    """
+    x = _check_operand(x, k)
+    if resolve_method(method) == "statistical":
+        activations, method = _above_cutoff(x, k), "exact"
+    else:
+        activations = tf.nn.relu(x)
+    _, indices = topk_indices(activations, k, method, recall_target)
+    return tf.gather(activations, indices, batch_dims=-1), indices
 
 
 def sparse_mlp_product(values, indices, kernel):

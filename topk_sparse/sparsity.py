@@ -4,13 +4,16 @@ The paper (arXiv 2210.06313, Sec. 2) counts, per token, the share of an MLP's
 hidden activations `relu(Kᵀx)` that are strictly positive, and averages over
 tokens. `ActivationSparsity` accumulates that average over the calls since
 its last reset, together with how often each hidden neuron fired (for dead
-neuron counts). Each `TopKActivation` and `SparseMLP` owns one, so Keras puts
-`<layer>/nonzero_fraction` into `model.fit` logs and History, and callbacks
-read the layers' metrics instead of re-running the model.
+neuron counts) and how many tokens had each number of nonzero activations
+(the per-token distribution). Each `TopKActivation` and `SparseMLP` owns
+one, so Keras puts `<layer>/nonzero_fraction` into `model.fit` logs and
+History, and callbacks read the layers' metrics instead of re-running the
+model.
 """
 
 import keras
 from keras import ops
+import numpy as np
 
 
 @keras.saving.register_keras_serializable(package="topk_sparse")
@@ -41,25 +44,38 @@ class ActivationSparsity(keras.metrics.Metric):
         self.neuron_fire_count = self.add_variable(
             shape=(units,), initializer="zeros", name="neuron_fire_count",
             aggregation="sum")
+        # [c]: tokens with exactly c nonzero activations, c in [0, units].
+        self.tokens_by_nonzero_count = self.add_variable(
+            shape=(units + 1,), initializer="zeros",
+            name="tokens_by_nonzero_count", aggregation="sum")
 
     def update_state(self, activations):
         """Counts the positive entries of `activations` `[..., units]`."""
-        fired = ops.cast(ops.reshape(activations, (-1, self.units)) > 0,
-                         self.dtype)
-        self._accumulate(ops.sum(fired, axis=0), ops.shape(fired)[0])
+        fired = ops.reshape(activations, (-1, self.units)) > 0
+        self._accumulate(ops.sum(ops.cast(fired, self.dtype), axis=0),
+                         ops.sum(ops.cast(fired, "int32"), axis=1))
 
     def update_from_topk(self, values, indices):
         """Same as `update_state` from the kept `values`/`indices` `[..., k]`."""
         k = values.shape[-1]
-        fired = ops.cast(ops.reshape(values, (-1,)) > 0, self.dtype)
+        fired = ops.reshape(values, (-1, k)) > 0
         per_neuron = ops.segment_sum(
-            fired, ops.reshape(indices, (-1,)), num_segments=self.units)
-        self._accumulate(per_neuron, ops.shape(fired)[0] // k)
+            ops.reshape(ops.cast(fired, self.dtype), (-1,)),
+            ops.reshape(indices, (-1,)), num_segments=self.units)
+        self._accumulate(per_neuron,
+                         ops.sum(ops.cast(fired, "int32"), axis=1))
 
-    def _accumulate(self, per_neuron, tokens):
+    def _accumulate(self, per_neuron, per_token):
+        """`per_neuron`: fire counts `[units]`; `per_token`: int32 nonzero
+        counts `[tokens]`. Counts are float32 sums: exact up to 2^24 tokens
+        between resets."""
         self.neuron_fire_count.assign_add(per_neuron)
         self.nonzero_count.assign_add(ops.sum(per_neuron))
-        self.token_count.assign_add(ops.cast(tokens, self.dtype))
+        self.token_count.assign_add(
+            ops.cast(ops.shape(per_token)[0], self.dtype))
+        self.tokens_by_nonzero_count.assign_add(ops.segment_sum(
+            ops.ones_like(per_token, dtype=self.dtype), per_token,
+            num_segments=self.units + 1))
 
     def result(self):
         return ops.divide_no_nan(self.nonzero_count,
@@ -68,6 +84,14 @@ class ActivationSparsity(keras.metrics.Metric):
     def dead_fraction(self):
         """Share of neurons that never fired since the last reset."""
         return ops.mean(ops.cast(self.neuron_fire_count == 0, self.dtype))
+
+    def token_nonzero_fractions(self):
+        """`(fractions, tokens)`: the per-token nonzero fractions seen since
+        the last reset, `c / units` for every count `c` that occurred, and
+        how many tokens had each (numpy, summed over replicas)."""
+        histogram = np.asarray(self.tokens_by_nonzero_count.numpy())
+        nonzero_counts = np.flatnonzero(histogram)
+        return nonzero_counts / self.units, histogram[nonzero_counts]
 
     def get_config(self):
         return {**super().get_config(), "units": self.units}

@@ -190,7 +190,8 @@ class T5(keras.Model):
         Defaults to None.
       method: str. Top-k method, see `topk_sparse.TopKActivation`.
       recall_target: float in (0, 1]. Expected recall of `"approx"`.
-      implementation: str. `SparseMLP` path, `"masked"` or `"gather"`.
+      implementation: str. `SparseMLP` path: `"masked"`, `"gather"` or
+        `"auto"` (default: gathers in calls of few tokens, see `SparseMLP`).
       dropout_rate: float in [0, 1). Dropout on the embeddings, every
         residual branch and the stacks' outputs. Defaults to 0.1 (T5).
       num_buckets: int. Relative position buckets. Defaults to 32 (T5).
@@ -220,7 +221,7 @@ class T5(keras.Model):
 
     def __init__(self, variant=None, vocab_size=32128, width=None, depth=None,
                  num_heads=None, mlp_dim=None, k=None, method="auto",
-                 recall_target=0.95, implementation="masked",
+                 recall_target=0.95, implementation="auto",
                  dropout_rate=0.1, num_buckets=32, max_distance=128,
                  dtype=None, **kwargs):
         dims = resolve_variant(T5_VARIANTS, variant, "T5", width=width,

@@ -145,12 +145,12 @@ class TransformerBlock(keras.layers.Layer):
       mlp_dim: int. Hidden width of the MLP (`d_ff`).
       k: int or None. MLP activations kept per token; None is the dense ReLU
         MLP. Defaults to None.
-      method: str. Top-k method (`"auto"`, `"exact"`, `"approx"`), see
+      method: str. Top-k method, one of `topk_sparse.ops.METHODS`, see
         `topk_sparse.TopKActivation`. Defaults to "auto".
       recall_target: float in (0, 1]. Expected recall of `"approx"`.
         Defaults to 0.95.
-      implementation: str. `SparseMLP` path, `"masked"` or `"gather"`.
-        Defaults to "masked".
+      implementation: str. `SparseMLP` path: `"masked"`, `"gather"` or
+        `"auto"` (default: gathers in calls of few tokens, see `SparseMLP`).
       dropout_rate: float in [0, 1). Dropout on each residual branch.
         Defaults to 0.
       norm: str. `"layer"` (LayerNorm, ViT) or `"rms"` (T5's LayerNorm:
@@ -184,7 +184,7 @@ class TransformerBlock(keras.layers.Layer):
     """
 
     def __init__(self, num_heads, mlp_dim, k=None, method="auto",
-                 recall_target=0.95, implementation="masked",
+                 recall_target=0.95, implementation="auto",
                  dropout_rate=0.0, norm="layer", norm_epsilon=1e-6,
                  use_bias=True, causal=False, cross_attention=False,
                  **kwargs):

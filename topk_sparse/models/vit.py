@@ -120,7 +120,8 @@ class ViT(keras.Model):
         ViT. Defaults to None.
       method: str. Top-k method, see `topk_sparse.TopKActivation`.
       recall_target: float in (0, 1]. Expected recall of `"approx"`.
-      implementation: str. `SparseMLP` path, `"masked"` or `"gather"`.
+      implementation: str. `SparseMLP` path: `"masked"`, `"gather"` or
+        `"auto"` (default: gathers in calls of few tokens, see `SparseMLP`).
       pooling: str. `"cls"` (class token) or `"gap"` (global average pool of
         the patch tokens). Defaults to "cls".
       dropout_rate: float in [0, 1). Dropout after the position embeddings
@@ -147,7 +148,7 @@ class ViT(keras.Model):
     def __init__(self, variant=None, image_size=224, num_classes=1000,
                  patch_size=None, width=None, depth=None, num_heads=None,
                  mlp_dim=None, channels=3, k=None, method="auto",
-                 recall_target=0.95, implementation="masked", pooling="cls",
+                 recall_target=0.95, implementation="auto", pooling="cls",
                  dropout_rate=0.0, dtype=None, **kwargs):
         dims = resolve_variant(
             VIT_VARIANTS, variant, "ViT", width=width, depth=depth,
