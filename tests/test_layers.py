@@ -8,7 +8,7 @@ import tensorflow as tf
 
 import topk_sparse
 from tests.layer_checks import _compile, _data, _model, check_layer
-from topk_sparse import SparseMLP, TopKActivation
+from topk_sparse import SparseMLP, TopKActivation, ops
 from tests.test_ops import reference_topk_mask
 
 
@@ -21,6 +21,14 @@ def test_topk_activation(method, tmp_path):
     fraction = history.history["under_test/nonzero_fraction"][0]
     # "statistical" keeps about k: a cutoff, not a count.
     assert 0 < fraction <= (0.5 if method == "statistical" else 3 / 12)
+    # Approximate methods report their recall (12 entries: "approx" is
+    # exact, one bin per entry), under MirroredStrategy too.
+    recall = history.history.get("under_test/topk_recall")
+    assert (recall is not None) == (method in ("approx", "statistical"))
+    if method == "approx":
+        assert recall == [1.0]
+    elif recall:
+        assert 0 < recall[0] <= 1
     sparsity = mirrored.get_layer("under_test").sparsity
     assert float(sparsity.token_count.numpy()) == 10 * 5
 
@@ -164,3 +172,32 @@ def test_bad_inputs_fail_at_build():
         SparseMLP(8, k=2)(np.ones((2, 4), "int32"))
     with pytest.raises(TypeError, match="floating-point"):
         TopKActivation(k=2)(np.ones((2, 4), "int32"))
+
+
+@pytest.mark.parametrize("method,implementation", [
+    ("approx", "masked"), ("approx", "gather"), ("statistical", "masked"),
+    ("statistical", "gather")])
+def test_approximate_methods_report_their_recall(method, implementation):
+    x = np.random.default_rng(4).normal(size=(2, 40, 16)).astype("float32")
+    mlp = SparseMLP(512, k=8, method=method, recall_target=0.8,
+                    implementation=implementation)
+    out = mlp(x)
+    hidden = x.reshape(-1, 16) @ mlp.intermediate_kernel.numpy() \
+        + mlp.intermediate_bias.numpy()
+    kept = ops.topk_mask(hidden, 8, method, 0.8).numpy() > 0
+    if implementation == "gather":  # keeps at most the k largest of those
+        kept = reference_topk_mask(np.where(kept, hidden, 0), 8) > 0
+    # numpy: the share of each sampled token's exact top-8 (positive) kept.
+    sample = np.maximum(hidden, 0)[:64]
+    top = np.argsort(-sample, axis=-1, kind="stable")[:, :8]
+    relevant = np.take_along_axis(sample, top, -1) > 0
+    hits = relevant & np.take_along_axis(kept[:64], top, -1)
+    assert mlp.recall.name == f"{mlp.name}/topk_recall"
+    np.testing.assert_allclose(float(mlp.recall.result()),
+                               hits.sum() / relevant.sum(), rtol=1e-6)
+    assert 0.5 < float(mlp.recall.result()) < 1.0  # 128 bins: really binned
+    assert out.shape == (2, 40, 16)
+    # Exact selection has nothing to report; the dense MLP neither.
+    for layer in (SparseMLP(512, k=8, method="exact"), SparseMLP(512)):
+        layer.build((None, 16))
+        assert layer.recall is None

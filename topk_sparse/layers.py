@@ -16,7 +16,7 @@ import keras
 import tensorflow as tf
 
 from topk_sparse import ops
-from topk_sparse.sparsity import ActivationSparsity
+from topk_sparse.sparsity import ActivationSparsity, TopKRecall
 
 IMPLEMENTATIONS = ("masked", "gather", "auto")
 
@@ -39,6 +39,14 @@ def _sparsity_metric(layer, units):
     if not layer.track_sparsity:
         return None
     return ActivationSparsity(units, name=f"{layer.name}/nonzero_fraction")
+
+
+def _recall_metric(layer):
+    """A `TopKRecall` where the method that runs here is approximate."""
+    if not layer.track_sparsity or layer.k is None or ops.resolve_method(
+            layer.method) not in ("approx", "statistical"):
+        return None
+    return TopKRecall(layer.k, name=f"{layer.name}/topk_recall")
 
 
 def _check_floating(x, layer):
@@ -69,7 +77,9 @@ class TopKActivation(keras.layers.Layer):
       recall_target: float in (0, 1]. Expected recall of `"approx"`.
         Defaults to 0.95.
       track_sparsity: bool. Whether the layer keeps an `ActivationSparsity`
-        metric of its outputs. Defaults to True.
+        metric of its outputs (`layer.sparsity`) and, when its method
+        is approximate here, a `TopKRecall` (`layer.recall`). Defaults to
+        True.
       **kwargs: base layer arguments (`name`, `dtype`, ...).
 
     Example:
@@ -89,7 +99,7 @@ class TopKActivation(keras.layers.Layer):
         self.method = ops.validate_method(method)
         self.recall_target = ops.validate_recall_target(recall_target)
         self.track_sparsity = bool(track_sparsity)
-        self.sparsity = None
+        self.sparsity = self.recall = None
 
     def build(self, input_shape):
         units = input_shape[-1] if input_shape else None
@@ -99,6 +109,7 @@ class TopKActivation(keras.layers.Layer):
                 f"got input shape {input_shape}.")
         ops.validate_k(self.k, units)
         self.sparsity = _sparsity_metric(self, units)
+        self.recall = _recall_metric(self)
 
     def call(self, inputs):
         _check_floating(inputs, self)
@@ -106,6 +117,8 @@ class TopKActivation(keras.layers.Layer):
                                 self.recall_target)
         if self.sparsity is not None:
             self.sparsity.update_state(outputs)
+        if self.recall is not None:
+            self.recall.update_state(tf.nn.relu(inputs), outputs)
         return outputs
 
     def compute_output_shape(self, input_shape):
@@ -147,7 +160,9 @@ class SparseMLP(keras.layers.Layer):
       kernel_initializer: initializer of both kernels.
       bias_initializer: initializer of both biases.
       track_sparsity: bool. Whether the layer keeps an `ActivationSparsity`
-        metric of its hidden activations. Defaults to True.
+        metric of its hidden activations (`layer.sparsity`) and, when its method
+        is approximate here, a `TopKRecall` (`layer.recall`). Defaults to
+        True.
       **kwargs: base layer arguments (`name`, `dtype`, ...).
 
     Example:
@@ -188,7 +203,7 @@ class SparseMLP(keras.layers.Layer):
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.bias_initializer = keras.initializers.get(bias_initializer)
         self.track_sparsity = bool(track_sparsity)
-        self.sparsity = None
+        self.sparsity = self.recall = None
 
     def build(self, input_shape):
         if len(input_shape) < 2 or input_shape[-1] is None:
@@ -211,6 +226,7 @@ class SparseMLP(keras.layers.Layer):
             self.output_bias = self._weight(
                 "output_bias", (out_dim,), self.bias_initializer)
         self.sparsity = _sparsity_metric(self, self.hidden_dim)
+        self.recall = _recall_metric(self)
 
     def _weight(self, name, shape, initializer):
         return self.add_weight(name=name, shape=shape, initializer=initializer)
@@ -228,6 +244,8 @@ class SparseMLP(keras.layers.Layer):
                                         self.recall_target)
         if self.sparsity is not None:
             self.sparsity.update_state(activations)
+        if self.recall is not None:
+            self.recall.update_state(tf.nn.relu(hidden), activations)
         return _project(activations, self.output_kernel, self.output_bias)
 
     def _gathers(self, inputs):
@@ -246,6 +264,9 @@ class SparseMLP(keras.layers.Layer):
                                                self.recall_target)
         if self.sparsity is not None:
             self.sparsity.update_from_topk(values, indices)
+        if self.recall is not None:
+            self.recall.update_state(tf.nn.relu(hidden), ops.indices_to_mask(
+                indices, self.hidden_dim, values.dtype, values))
         outputs = ops.sparse_mlp_product(values, indices, self.output_kernel)
         if self.output_bias is not None:
             outputs = outputs + self.output_bias

@@ -8,7 +8,8 @@ neuron counts) and how many tokens had each number of nonzero activations
 (the per-token distribution). Each `TopKActivation` and `SparseMLP` owns
 one, so Keras puts `<layer>/nonzero_fraction` into `model.fit` logs and
 History, and callbacks read the layers' metrics instead of re-running the
-model.
+model. Layers with an approximate method (`"approx"`, `"statistical"`) also
+own a `TopKRecall`, `<layer>/topk_recall`.
 """
 
 import keras
@@ -95,3 +96,51 @@ class ActivationSparsity(keras.metrics.Metric):
 
     def get_config(self):
         return {**super().get_config(), "units": self.units}
+
+
+@keras.saving.register_keras_serializable(package="topk_sparse")
+class TopKRecall(keras.metrics.Metric):
+    """Share of the exact top-k activations that an approximate method kept.
+
+    The recall of `"approx"` (TPU-KNN's binned top-k) and `"statistical"`,
+    measured on the model's own activations while it trains: the recall
+    target of `"approx"` holds in expectation over bin assignments, and a
+    given layer can fall short of it (hot neurons sharing a bin). Positive
+    entries of the exact top-k count; ties go to the lower index, as in
+    `tf.math.top_k`. Only the first `sample_tokens` tokens of each call are
+    checked, so the exact top-k it computes costs little.
+
+    Args:
+      k: int. Activations kept per token.
+      sample_tokens: int. Tokens checked per call. Defaults to 64.
+      name: str. Metric name (the key in `fit` logs).
+    """
+
+    def __init__(self, k, sample_tokens=64, name="topk_recall", **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.k = k
+        self.sample_tokens = sample_tokens
+        self.hits = self.add_variable(shape=(), initializer="zeros",
+                                      name="hits", aggregation="sum")
+        self.relevant = self.add_variable(shape=(), initializer="zeros",
+                                          name="relevant", aggregation="sum")
+
+    def update_state(self, activations, kept):
+        """`activations`: post-ReLU `[..., n]`; `kept`: `[..., n]`, nonzero
+        where the approximate method kept the entry."""
+        n = activations.shape[-1]
+        activations = ops.reshape(activations, (-1, n))[:self.sample_tokens]
+        kept = ops.reshape(kept, (-1, n))[:self.sample_tokens]
+        values, indices = ops.top_k(activations, self.k)
+        relevant = values > 0
+        hit = ops.logical_and(
+            relevant, ops.take_along_axis(kept, indices, axis=-1) != 0)
+        self.hits.assign_add(ops.sum(ops.cast(hit, self.dtype)))
+        self.relevant.assign_add(ops.sum(ops.cast(relevant, self.dtype)))
+
+    def result(self):
+        return ops.divide_no_nan(self.hits, self.relevant)
+
+    def get_config(self):
+        return {**super().get_config(), "k": self.k,
+                "sample_tokens": self.sample_tokens}
