@@ -4,8 +4,8 @@ C4 seq2seq."""
 import numpy as np
 import pytest
 import tensorflow as tf
-import tensorflow_datasets as tfds
 
+from tests.mock_tfds import mocked_tfds
 from topk_sparse import data
 from topk_sparse.data import images, text
 
@@ -79,12 +79,8 @@ def test_bad_arguments_raise_clear_errors():
 def prepared_data_dir(tmp_path):
     """A data_dir where cifar10, imagenet2012 and c4 look prepared
     (metadata only), with every record mocked by `tfds.testing.mock_data`."""
-    for name in ("cifar10", "imagenet2012", "c4"):
-        builder = tfds.builder(name, data_dir=str(tmp_path))
-        builder.data_path.mkdir(parents=True)
-        builder.info.write_to_directory(builder.data_path)
-    with tfds.testing.mock_data(num_examples=6, data_dir=str(tmp_path)):
-        yield str(tmp_path)
+    with mocked_tfds(tmp_path, ("cifar10", "imagenet2012", "c4")) as data_dir:
+        yield data_dir
 
 
 def test_cifar10_from_tfds(prepared_data_dir):

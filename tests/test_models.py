@@ -151,17 +151,24 @@ def test_vit_mirrored_strategy_fit():
     assert float(mlp.sparsity.token_count.numpy()) == 8 * 17
 
 
+def _check_round_trip(model, inputs, tmp_path):
+    """Saves `model` as .keras, loads it back and checks class, config and
+    predictions; returns the loaded model."""
+    path = os.path.join(tmp_path, "model.keras")
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    assert type(loaded) is type(model)
+    assert loaded.get_config() == model.get_config()
+    np.testing.assert_allclose(loaded.predict(inputs, verbose=0),
+                               model.predict(inputs, verbose=0), rtol=1e-6)
+    return loaded
+
+
 @pytest.mark.parametrize("pooling", ["cls", "gap"])
 def test_vit_keras_round_trip(pooling, tmp_path):
     model = _vit(pooling=pooling, implementation="gather")
     images, _ = _images(4)
-    path = os.path.join(tmp_path, "vit.keras")
-    model.save(path)
-    loaded = keras.saving.load_model(path)
-    assert isinstance(loaded, ViT)
-    assert loaded.get_config() == model.get_config()
-    np.testing.assert_allclose(loaded.predict(images, verbose=0),
-                               model.predict(images, verbose=0), rtol=1e-6)
+    loaded = _check_round_trip(model, images, tmp_path)
     assert list(loaded.sparse_mlps()) == list(model.sparse_mlps())
 
 
@@ -265,13 +272,7 @@ def test_t5_masked_and_gather_give_the_same_logits():
 def test_t5_keras_round_trip_and_bfloat16(tmp_path):
     model = _t5(dropout_rate=0.1)
     inputs, _ = _copy_task(n=2, length=5)
-    path = os.path.join(tmp_path, "t5.keras")
-    model.save(path)
-    loaded = keras.saving.load_model(path)
-    assert isinstance(loaded, T5)
-    assert loaded.get_config() == model.get_config()
-    np.testing.assert_allclose(loaded.predict(inputs, verbose=0),
-                               model.predict(inputs, verbose=0), rtol=1e-6)
+    _check_round_trip(model, inputs, tmp_path)
     # Mixed precision computes in bfloat16 and keeps float32 weights.
     mixed = _t5(dtype="mixed_bfloat16")
     mixed.set_weights(model.get_weights())

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import scipy.ndimage
 import tensorflow as tf
-import tensorflow_datasets as tfds
 from PIL import Image
 
+from tests.mock_tfds import mocked_tfds
 from topk_sparse import SparseMLP, robustness
 from topk_sparse.data import corruptions
 from topk_sparse.data.corruptions import CORRUPTIONS, corrupt
@@ -348,13 +348,10 @@ def test_write_summaries_tags_read_back(tmp_path):
 def prepared_data_dir(tmp_path):
     """cifar10 and two CIFAR-10-C configs look prepared (metadata only);
     `tfds.testing.mock_data` makes up the records."""
-    for name in ("cifar10", "cifar10_corrupted/gaussian_noise_2",
-                 "cifar10_corrupted/frosted_glass_blur_5"):
-        builder = tfds.builder(name, data_dir=str(tmp_path))
-        builder.data_path.mkdir(parents=True)
-        builder.info.write_to_directory(builder.data_path)
-    with tfds.testing.mock_data(num_examples=6, data_dir=str(tmp_path)):
-        yield str(tmp_path)
+    names = ("cifar10", "cifar10_corrupted/gaussian_noise_2",
+             "cifar10_corrupted/frosted_glass_blur_5")
+    with mocked_tfds(tmp_path, names) as data_dir:
+        yield data_dir
 
 
 def test_load_cifar10_corrupted(prepared_data_dir):

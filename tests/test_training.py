@@ -23,6 +23,7 @@ import tensorflow as tf
 
 from configs import common
 from tests.devices import mirrored_strategy
+from tests.mock_tfds import mocked_tfds
 from topk_sparse import distribute, training
 from topk_sparse.data import corruptions
 
@@ -201,8 +202,6 @@ def test_train_mirrored_mixed_precision(tmp_path):
 
 
 def test_train_cifar10_runlocal_on_mocked_tfds(tmp_path):
-    import tensorflow_datasets as tfds
-
     data_dir = str(tmp_path / "tfds")
     config = load_config("vit_cifar10", "runlocal")
     config.jit_compile = False
@@ -213,11 +212,7 @@ def test_train_cifar10_runlocal_on_mocked_tfds(tmp_path):
         f"cifar10_corrupted/{name}_{severity}"
         for name in corruptions.BENCHMARK_CORRUPTIONS
         for severity in config.eval.severities]
-    for name in names:  # prepared, as far as TFDS can tell
-        builder = tfds.builder(name, data_dir=data_dir)
-        builder.data_path.mkdir(parents=True)
-        builder.info.write_to_directory(builder.data_path)
-    with tfds.testing.mock_data(num_examples=24, data_dir=data_dir):
+    with mocked_tfds(data_dir, names, num_examples=24):
         report = training.train(config, str(tmp_path / "run"))
     assert report["dataset"] == "cifar10" and report["train_steps"] == 4
     assert report["label_noise"] == 0.4
@@ -313,16 +308,11 @@ def test_train_t5_runlocal(tmp_path):
 
 
 def test_train_t5_c4_runlocal_on_mocked_tfds(tmp_path):
-    import tensorflow_datasets as tfds
-
     data_dir = str(tmp_path / "tfds")
-    builder = tfds.builder("c4", data_dir=data_dir)
-    builder.data_path.mkdir(parents=True)
-    builder.info.write_to_directory(builder.data_path)
     config = load_config("t5_small_c4", "runlocal")
     config.jit_compile = False
     config.data.data_dir = data_dir
-    with tfds.testing.mock_data(num_examples=16, data_dir=data_dir):
+    with mocked_tfds(data_dir, ["c4"], num_examples=16):
         report = training.train(config, str(tmp_path / "run"))
     assert report["dataset"] == "c4" and report["train_steps"] == 2 * 2
     assert np.isfinite(report["eval"]["loss"])

@@ -12,6 +12,7 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from tests.mock_tfds import mocked_tfds
 from tests.test_training import CONFIGS, load_config
 from topk_sparse import data, training
 from topk_sparse.data import text
@@ -19,19 +20,9 @@ from topk_sparse.data import text
 DATASET = "wmt14_translate/de-en"
 
 
-def _make_prepared(data_dir):
-    """Writes the builder's metadata so that `is_prepared()` is True."""
-    builder = tfds.builder(DATASET, data_dir=data_dir)
-    builder.data_path.mkdir(parents=True)
-    builder.info.write_to_directory(builder.data_path)
-    return builder
-
-
 @pytest.fixture
 def wmt_data_dir(tmp_path):
-    data_dir = str(tmp_path / "tfds")
-    _make_prepared(data_dir)
-    with tfds.testing.mock_data(num_examples=6, data_dir=data_dir):
+    with mocked_tfds(tmp_path / "tfds", [DATASET]) as data_dir:
         yield data_dir
 
 
@@ -173,11 +164,10 @@ def test_config_builds_and_documents_itself():
 
 def test_train_t5_wmt_runlocal_on_mocked_tfds(tmp_path):
     data_dir = str(tmp_path / "tfds")
-    _make_prepared(data_dir)
     config = load_config("t5_wmt", "runlocal")
     config.jit_compile = False  # XLA compiles slowly on a shared CPU
     config.data.data_dir = data_dir
-    with tfds.testing.mock_data(num_examples=16, data_dir=data_dir):
+    with mocked_tfds(data_dir, [DATASET], num_examples=16):
         report = training.train(config, str(tmp_path / "run"))
     assert report["dataset"] == "wmt"
     assert report["train_steps"] == 2 * 2
