@@ -118,7 +118,7 @@ class TopKActivation(keras.layers.Layer):
         if self.sparsity is not None:
             self.sparsity.update_state(outputs)
         if self.recall is not None:
-            self.recall.update_state(tf.nn.relu(inputs), outputs)
+            self.recall.update_state(inputs, outputs)
         return outputs
 
     def compute_output_shape(self, input_shape):
@@ -245,7 +245,7 @@ class SparseMLP(keras.layers.Layer):
         if self.sparsity is not None:
             self.sparsity.update_state(activations)
         if self.recall is not None:
-            self.recall.update_state(tf.nn.relu(hidden), activations)
+            self.recall.update_state(hidden, activations)
         return _project(activations, self.output_kernel, self.output_bias)
 
     def _gathers(self, inputs):
@@ -265,8 +265,7 @@ class SparseMLP(keras.layers.Layer):
         if self.sparsity is not None:
             self.sparsity.update_from_topk(values, indices)
         if self.recall is not None:
-            self.recall.update_state(tf.nn.relu(hidden), ops.indices_to_mask(
-                indices, self.hidden_dim, values.dtype, values))
+            self.recall.update_from_topk(hidden, values, indices)
         outputs = ops.sparse_mlp_product(values, indices, self.output_kernel)
         if self.output_bias is not None:
             outputs = outputs + self.output_bias

@@ -239,18 +239,18 @@ def _binned_top_k(x, k, recall_target):
     return tf.reshape(values, out_shape), tf.reshape(indices, out_shape)
 
 
-def indices_to_mask(indices, n, dtype, values=None):
-    """A `[..., n]` tensor of `dtype`: `values` (`[..., k]`, default 1) at
-    `indices` (`[..., k]`), else 0."""
+def indices_to_mask(indices, n, dtype):
+    """A `[..., n]` tensor of `dtype`: 1 at `indices` (`[..., k]`), else 0."""
     k = indices.shape[-1]
     flat = tf.reshape(indices, [-1, k])
     num_rows = tf.shape(flat)[0]
     row_ids = tf.broadcast_to(tf.range(num_rows)[:, None], tf.shape(flat))
     coords = tf.stack([row_ids, flat], axis=-1)
-    updates = tf.ones([num_rows * k], dtype=dtype) if values is None else \
-        tf.reshape(tf.cast(values, dtype), [-1])
     mask = tf.scatter_nd(
-        tf.reshape(coords, [-1, 2]), updates, tf.stack([num_rows, n]))
+        tf.reshape(coords, [-1, 2]),
+        tf.ones([num_rows * k], dtype=dtype),
+        tf.stack([num_rows, n]),
+    )
     return tf.reshape(mask, tf.concat([tf.shape(indices)[:-1], [n]], axis=0))
 
 

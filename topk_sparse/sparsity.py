@@ -125,16 +125,36 @@ class TopKRecall(keras.metrics.Metric):
         self.relevant = self.add_variable(shape=(), initializer="zeros",
                                           name="relevant", aggregation="sum")
 
-    def update_state(self, activations, kept):
-        """`activations`: post-ReLU `[..., n]`; `kept`: `[..., n]`, nonzero
-        where the approximate method kept the entry."""
-        n = activations.shape[-1]
-        activations = ops.reshape(activations, (-1, n))[:self.sample_tokens]
-        kept = ops.reshape(kept, (-1, n))[:self.sample_tokens]
-        values, indices = ops.top_k(activations, self.k)
-        relevant = values > 0
-        hit = ops.logical_and(
-            relevant, ops.take_along_axis(kept, indices, axis=-1) != 0)
+    def update_state(self, pre_activations, kept):
+        """`pre_activations`: `[..., n]`, before ReLU; `kept`: `[..., n]`,
+        nonzero where the approximate method kept the entry."""
+        values, indices = self._exact_topk(pre_activations)
+        self._accumulate(values, ops.take_along_axis(
+            self._sample(kept), indices, axis=-1) != 0)
+
+    def update_from_topk(self, pre_activations, kept_values, kept_indices):
+        """Same as `update_state` from the kept `values`/`indices` `[..., k]`
+        (the gathered path): no `[tokens, n]` mask is built."""
+        values, indices = self._exact_topk(pre_activations)
+        kept_values = self._sample(kept_values)
+        kept_indices = self._sample(kept_indices)
+        found = ops.logical_and(
+            indices[:, :, None] == kept_indices[:, None, :],
+            kept_values[:, None, :] > 0)
+        self._accumulate(values, ops.any(found, axis=-1))
+
+    def _sample(self, x):
+        """The first `sample_tokens` tokens of `x` `[..., m]`, as rows."""
+        return ops.reshape(x, (-1, x.shape[-1]))[:self.sample_tokens]
+
+    def _exact_topk(self, pre_activations):
+        return ops.top_k(ops.relu(self._sample(pre_activations)), self.k)
+
+    def _accumulate(self, exact_values, kept):
+        """`exact_values`: the exact top-k `[rows, k]`; `kept`: whether the
+        method kept each of them."""
+        relevant = exact_values > 0
+        hit = ops.logical_and(relevant, kept)
         self.hits.assign_add(ops.sum(ops.cast(hit, self.dtype)))
         self.relevant.assign_add(ops.sum(ops.cast(relevant, self.dtype)))
 
