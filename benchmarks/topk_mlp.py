@@ -3,10 +3,17 @@
 Prints two tables and writes them as JSON:
 - training: forward+backward of one MLP block, Top-k (each method) over the
   dense ReLU MLP, in tf.function and jit_compile=True modes;
-- inference: forward of the gathered path (`implementation="gather"`) and
-  the masked path over the dense MLP, at several batch sizes (tokens per
-  call): where the gathered path stops paying is `implementation="auto"`'s
-  switch point, `topk_sparse.layers.GATHER_MAX_SHARE`.
+- inference: forward through a stack of `--layers` residual MLP blocks
+  (each its own weights, as in a model, so that they are read from memory,
+  not from the cache) of the masked path, the gathered path
+  (`implementation="gather"`) and the gathered path with two-stage scoring
+  (`SparseMLP.calibrate_scoring`, calibrated on random inputs: its speed
+  here, its recall in benchmarks/recall.py) over the dense MLP, at several
+  batch sizes (tokens per call). Where the gathered path stops paying is
+  `implementation="auto"`'s switch point,
+  `topk_sparse.layers.GATHER_MAX_SHARE`; two-stage scoring runs while
+  tokens x candidates is within the same share (else that row is the plain
+  gathered path).
 
 Cases are interleaved repeat by repeat, so a slow moment of this shared
 machine hits them all alike; ratios use medians. Sparsity tracking is off in
@@ -95,22 +102,43 @@ def training_table(args):
     return rows
 
 
+def _stack(layers, x, jit):
+    """One call through `layers` as residual blocks, like a model's MLPs:
+    the per-call overhead is shared, and `layers` kernels too large for the
+    cache are read from memory as in a real model."""
+    def forward():
+        y = x
+        for layer in layers:
+            y = y + layer(y, training=False)
+        return y
+    return tf.function(forward, jit_compile=jit)
+
+
 def inference_table(args):
-    dense = _mlp(args, k=None)
-    masked = _mlp(args, k=args.k)
-    gather = _mlp(args, k=args.k, implementation="gather")
-    for layer in (masked, gather):
-        layer.set_weights(dense.get_weights())
+    def stack(**kwargs):
+        return [_mlp(args, **kwargs) for _ in range(args.layers)]
+
+    dense = stack(k=None)
+    paths = {"masked": stack(k=args.k, implementation="masked"),
+             "gather": stack(k=args.k, implementation="gather"),
+             "two-stage": stack(k=args.k, implementation="gather")}
+    calibration = tf.random.stateless_normal([4 * args.rank, args.d_model],
+                                             seed=[2, 0])
+    for i, reference in enumerate(dense):
+        for layers in paths.values():
+            layers[i].set_weights(reference.get_weights())
+        paths["two-stage"][i].calibrate_scoring(
+            calibration, args.rank, args.candidates)
     rows = []
     for batch in args.batches:
         x = tf.random.stateless_normal([batch, args.d_model], seed=[1, batch])
         for jit in (False, True):
-            cases = {"dense relu": _forward(dense, x, jit),
-                     f"top-{args.k} masked": _forward(masked, x, jit),
-                     f"top-{args.k} gather": _forward(gather, x, jit)}
+            cases = {"dense relu": _stack(dense, x, jit)}
+            for path, layers in paths.items():
+                cases[f"top-{args.k} {path}"] = _stack(layers, x, jit)
             mode = "jit_compile" if jit else "tf.function"
-            # Calls of few tokens take about a millisecond: more repeats.
-            repeats = args.repeats * max(1, 64 // batch)
+            # Calls of few tokens take a few milliseconds: more repeats.
+            repeats = args.repeats * max(1, 16 // batch)
             rows += [{"batch": batch, "mode": mode, **row} for row in
                      _rows(measure(cases, repeats), "dense relu")]
     return rows
@@ -138,7 +166,13 @@ def main():
     parser.add_argument("--tokens", type=int, default=2048,
                         help="tokens per training step")
     parser.add_argument("--batches", type=int, nargs="+",
-                        default=[1, 4, 8, 16, 128, 2048])
+                        default=[1, 2, 4, 8, 16, 128])
+    parser.add_argument("--layers", type=int, default=12,
+                        help="MLPs per inference call (a Base model's 12)")
+    parser.add_argument("--rank", type=int, default=64,
+                        help="two-stage scoring: rank of the first stage")
+    parser.add_argument("--candidates", type=int, default=256,
+                        help="two-stage scoring: neurons rescored per token")
     parser.add_argument("--methods", nargs="+",
                         default=["exact", "approx", "statistical"])
     parser.add_argument("--repeats", type=int, default=10)
@@ -153,7 +187,8 @@ def main():
                 f"d={args.d_model}, hidden={args.hidden}: time / dense",
                 result["training"], ["mode", "case", *columns])
     result["inference"] = inference_table(args)
-    print_table("Inference (forward): time / dense", result["inference"],
+    print_table(f"Inference (forward through {args.layers} MLPs): time / "
+                "dense", result["inference"],
                 ["batch", "mode", "case", *columns])
     with open(args.json, "w") as f:
         json.dump(result, f, indent=1)

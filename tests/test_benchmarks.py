@@ -26,13 +26,17 @@ def test_topk_mlp(tmp_path):
     out = tmp_path / "mlp.json"
     _run(["benchmarks/topk_mlp.py", "--d_model=16", "--hidden=64", "--k=4",
           "--tokens=32", "--batches", "1", "32", "--repeats=2",
-          f"--json={out}"])
+          "--layers=2", "--rank=8", "--candidates=8", f"--json={out}"])
     result = json.loads(out.read_text())
     training = {(r["mode"], r["case"]) for r in result["training"]}
     assert training == {(mode, case) for mode in ("tf.function", "jit_compile")
                         for case in ("dense relu", "top-4 exact",
                                      "top-4 approx", "top-4 statistical")}
-    assert len(result["inference"]) == 2 * 2 * 3  # batches x modes x paths
+    assert {(r["batch"], r["mode"], r["case"]) for r in result["inference"]} \
+        == {(batch, mode, case) for batch in (1, 32)
+            for mode in ("tf.function", "jit_compile")
+            for case in ("dense relu", "top-4 masked", "top-4 gather",
+                         "top-4 two-stage")}
     for row in result["training"] + result["inference"]:
         assert row["ratio"] > 0
         if row["case"] == "dense relu":
@@ -54,12 +58,23 @@ def trained_workdir(tmp_path_factory):
 def test_recall_on_random_and_trained_rows(tmp_path, trained_workdir):
     out = tmp_path / "recall.json"
     _run(["benchmarks/recall.py", "--n=512", "--rows=256", "--k", "8", "16",
-          "--recall_targets", "0.8", "0.9", f"--workdir={trained_workdir}",
+          "--recall_targets", "0.8", "0.9", "--d=32", "--ranks", "4", "32",
+          "--candidates", "32", f"--workdir={trained_workdir}",
           f"--json={out}"])
-    rows = json.loads(out.read_text())["rows"]
-    sources = {row["source"] for row in rows}
-    assert sources == {"random", "trained encoder_block_0_mlp",
-                       "trained encoder_block_1_mlp"}
+    result = json.loads(out.read_text())
+    rows = result["rows"]
+    sources = {"random", "trained encoder/block_0/mlp",
+               "trained encoder/block_1/mlp"}
+    assert {row["source"] for row in rows} == sources
+    two_stage = result["two_stage"]
+    assert {(r["source"], r["k"], r["rank"]) for r in two_stage} == {
+        (source, k, rank) for source in sources for k in (8, 16)
+        for rank in (4, 32)}
+    for row in two_stage:
+        assert 0 < row["recall"] <= 1 and -1 <= row["cosine"] <= 1
+        if row["rank"] == 32:  # full rank of d=32: the exact top-k, but
+            # for near-ties that the factorized scores' rounding reorders
+            assert row["recall"] > 0.999 and row["cosine"] > 0.999
     for row in rows:
         assert row["n"] == 512 and 0 < row["recall"] <= 1
         if row["method"] == "approx":

@@ -5,7 +5,7 @@ Layers that keep, per token, only the `k` largest MLP activations
 `approx_max_k` (arXiv 2206.14286) on TPU.
 """
 
-from topk_sparse import ops
+from topk_sparse import ops, scoring
 from topk_sparse.callbacks import CalibrationCallback, SparsityCallback
 from topk_sparse.calibration import (BrierScore, ExpectedCalibrationError,
                                      NegativeLogLikelihood)
@@ -17,5 +17,5 @@ __version__ = "0.1.0"
 __all__ = [
     "ActivationSparsity", "BrierScore", "CalibrationCallback",
     "ExpectedCalibrationError", "NegativeLogLikelihood", "SparseMLP",
-    "SparsityCallback", "TopKActivation", "ops",
+    "SparsityCallback", "TopKActivation", "ops", "scoring",
 ]

@@ -10,12 +10,13 @@ Both own an `ActivationSparsity` metric, `layer.sparsity`, which Keras
 reports in `fit` logs as `<layer name>/nonzero_fraction`.
 """
 
+import contextlib
 import fractions
 
 import keras
 import tensorflow as tf
 
-from topk_sparse import ops
+from topk_sparse import ops, scoring
 from topk_sparse.sparsity import ActivationSparsity, TopKRecall
 
 IMPLEMENTATIONS = ("masked", "gather", "auto")
@@ -203,7 +204,8 @@ class SparseMLP(keras.layers.Layer):
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.bias_initializer = keras.initializers.get(bias_initializer)
         self.track_sparsity = bool(track_sparsity)
-        self.sparsity = self.recall = None
+        self.sparsity = self.recall = self.scorer = None
+        self._record = None  # see recording_inputs
 
     def build(self, input_shape):
         if len(input_shape) < 2 or input_shape[-1] is None:
@@ -231,11 +233,66 @@ class SparseMLP(keras.layers.Layer):
     def _weight(self, name, shape, initializer):
         return self.add_weight(name=name, shape=shape, initializer=initializer)
 
-    def call(self, inputs):
+    def calibrate_scoring(self, inputs, rank, candidates=None):
+        """Scores neurons in two stages on the gathered path, from now on.
+
+        Fits a rank-`rank` scorer of `W1` to `inputs` (this layer's inputs,
+        `[..., d]`, e.g. from `recording_inputs`) and freezes a copy of
+        `W1ᵀ` to rescore `candidates` neurons per token exactly (see
+        `topk_sparse.scoring`). Used for calls where tokens x `candidates`
+        is at most `GATHER_MAX_SHARE` of `hidden_dim`; a training call
+        raises (the frozen copy would go stale: `remove_scoring()` first).
+        Not saved with the model: calibrate again after loading. Measure
+        what it costs in recall with `scoring.measure_two_stage` on held-out
+        tokens: a low rank serves inputs that fill few directions only
+        (benchmarks/recall.py).
+
+        Args:
+          inputs: calibration tokens `[..., d]`, thousands.
+          rank: int. Rank of the first-stage scorer.
+          candidates: int, `k <= candidates <= hidden_dim`, rescored per
+            token. Defaults to `4 * k` (at most `hidden_dim`).
+        """
+        if self.k is None or not self.built:
+            raise ValueError(
+                f"SparseMLP {self.name!r}: two-stage scoring needs a built "
+                f"layer with k set, got built={self.built}, k={self.k}.")
+        if candidates is None:
+            candidates = min(4 * self.k, self.hidden_dim)
+        if isinstance(candidates, bool) or not isinstance(candidates, int) \
+                or not self.k <= candidates <= self.hidden_dim:
+            raise ValueError(
+                f"candidates must be an int in [k={self.k}, hidden_dim="
+                f"{self.hidden_dim}], got {candidates!r}.")
+        self.scorer = scoring.TwoStageScorer(
+            self.intermediate_kernel.numpy(), inputs, rank, candidates,
+            dtype=self.compute_dtype)
+
+    def remove_scoring(self):
+        """Back to scoring every neuron exactly on the gathered path."""
+        self.scorer = None
+
+    def call(self, inputs, training=None):
         _check_floating(inputs, self)
+        if training and self.scorer is not None:
+            raise ValueError(
+                f"SparseMLP {self.name!r} has a two-stage scorer, whose frozen "
+                f"copy of W1 training would make stale: call "
+                f"remove_scoring() before training, calibrate_scoring() "
+                f"after.")
+        if self._record is not None:
+            if not tf.executing_eagerly():
+                raise RuntimeError(
+                    f"recording_inputs needs eager calls (model(x)), but "
+                    f"SparseMLP {self.name!r} is being traced (predict, "
+                    f"tf.function).")
+            self._record(tf.reshape(inputs, [-1, inputs.shape[-1]]))
+        gathers = self.k is not None and self._gathers(inputs)
+        if gathers and self._scores_in_two_stages(inputs):
+            return self._two_stage_output(inputs)
         hidden = _project(inputs, self.intermediate_kernel,
                           self.intermediate_bias)
-        if self.k is not None and self._gathers(inputs):
+        if gathers:
             return self._gathered_output(hidden)
         if self.k is None:
             activations = tf.nn.relu(hidden)
@@ -259,13 +316,36 @@ class SparseMLP(keras.layers.Layer):
         return tokens is not None and \
             tokens * self.k <= GATHER_MAX_SHARE * self.hidden_dim
 
+    def _scores_in_two_stages(self, inputs):
+        if self.scorer is None:
+            return False
+        tokens = inputs.shape[:-1].num_elements()
+        return tokens is not None and tokens * self.scorer.candidates <= \
+            GATHER_MAX_SHARE * self.hidden_dim
+
+    def _two_stage_output(self, inputs):
+        scorer = self.scorer
+        flat = tf.reshape(inputs, [-1, inputs.shape[-1]])
+        values, indices = scoring.two_stage_topk(
+            flat, self.k, scorer.candidates, scorer.factor, scorer.basis,
+            scorer.kernel_rows, self.intermediate_bias)
+        lead = tf.shape(inputs)[:-1]
+        values = tf.reshape(values, tf.concat([lead, [self.k]], 0))
+        indices = tf.reshape(indices, tf.concat([lead, [self.k]], 0))
+        # No recall metric here: it would read all of W1 (measure_two_stage
+        # measures it apart).
+        return self._sparse_output(values, indices)
+
     def _gathered_output(self, hidden):
         values, indices = ops.topk_activations(hidden, self.k, self.method,
                                                self.recall_target)
-        if self.sparsity is not None:
-            self.sparsity.update_from_topk(values, indices)
         if self.recall is not None:
             self.recall.update_from_topk(hidden, values, indices)
+        return self._sparse_output(values, indices)
+
+    def _sparse_output(self, values, indices):
+        if self.sparsity is not None:
+            self.sparsity.update_from_topk(values, indices)
         outputs = ops.sparse_mlp_product(values, indices, self.output_kernel)
         if self.output_bias is not None:
             outputs = outputs + self.output_bias
@@ -290,6 +370,36 @@ class SparseMLP(keras.layers.Layer):
                 keras.initializers.serialize(self.bias_initializer),
             "track_sparsity": self.track_sparsity,
         }
+
+
+@contextlib.contextmanager
+def recording_inputs(mlps):
+    """Records what the given `SparseMLP`s are called with, eagerly.
+
+    Args:
+      mlps: `{name: SparseMLP}`, e.g. `model.sparse_mlps()`.
+
+    Yields:
+      `{name: [inputs [tokens, d], ...]}`, one entry per eager call made
+      inside the context; a traced call (`predict`, `tf.function`) raises.
+
+    Example:
+    >>> model = topk_sparse.models.ViT("micro", image_size=16,
+    ...                                num_classes=10, k=8)
+    >>> with recording_inputs(model.sparse_mlps()) as records:
+    ...     _ = model(np.zeros((2, 16, 16, 3), "float32"))
+    >>> records["encoder/block_0/mlp"][0].shape
+    TensorShape([34, 32])
+    """
+    records = {name: [] for name in mlps}
+    for name, mlp in mlps.items():
+        # A bound method: Keras would wrap a list attribute in a copy.
+        mlp._record = records[name].append
+    try:
+        yield records
+    finally:
+        for mlp in mlps.values():
+            mlp._record = None
 
 
 def _project(x, kernel, bias):
