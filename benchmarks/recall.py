@@ -118,9 +118,7 @@ def trained_tables(workdir, args):
     rows, two_stage = [], []
     for name, mlp in model.sparse_mlps().items():
         source = f"trained {name}"
-        hidden = tf.matmul(test[name], mlp.intermediate_kernel)
-        if mlp.intermediate_bias is not None:
-            hidden = hidden + mlp.intermediate_bias
+        hidden = mlp.pre_activations(test[name])
         ks = [k for k in args.k if k <= hidden.shape[-1]]
         rows += table(source, hidden, ks, args.recall_targets)
         for k in ks:

@@ -115,13 +115,13 @@ def _stack(layers, x, jit):
 
 
 def inference_table(args):
-    def stack(**kwargs):
+    def mlps(**kwargs):
         return [_mlp(args, **kwargs) for _ in range(args.layers)]
 
-    dense = stack(k=None)
-    paths = {"masked": stack(k=args.k, implementation="masked"),
-             "gather": stack(k=args.k, implementation="gather"),
-             "two-stage": stack(k=args.k, implementation="gather")}
+    dense = mlps(k=None)
+    paths = {"masked": mlps(k=args.k, implementation="masked"),
+             "gather": mlps(k=args.k, implementation="gather"),
+             "two-stage": mlps(k=args.k, implementation="gather")}
     calibration = tf.random.stateless_normal([4 * args.rank, args.d_model],
                                              seed=[2, 0])
     for i, reference in enumerate(dense):

@@ -288,10 +288,10 @@ class SparseMLP(keras.layers.Layer):
                     f"tf.function).")
             self._record(tf.reshape(inputs, [-1, inputs.shape[-1]]))
         gathers = self.k is not None and self._gathers(inputs)
-        if gathers and self._scores_in_two_stages(inputs):
+        if gathers and self.scorer is not None and self._reads_few_rows(
+                inputs, self.scorer.candidates):
             return self._two_stage_output(inputs)
-        hidden = _project(inputs, self.intermediate_kernel,
-                          self.intermediate_bias)
+        hidden = self.pre_activations(inputs)
         if gathers:
             return self._gathered_output(hidden)
         if self.k is None:
@@ -312,16 +312,23 @@ class SparseMLP(keras.layers.Layer):
             return self.implementation == "gather"
         if self.method == "statistical":  # its paths differ past k
             return False
+        return self._reads_few_rows(inputs, self.k)
+
+    def _reads_few_rows(self, inputs, rows_per_token):
+        """Whether the call's static token count times `rows_per_token` is at
+        most `GATHER_MAX_SHARE` of `hidden_dim`."""
         tokens = inputs.shape[:-1].num_elements()
         return tokens is not None and \
-            tokens * self.k <= GATHER_MAX_SHARE * self.hidden_dim
+            tokens * rows_per_token <= GATHER_MAX_SHARE * self.hidden_dim
 
-    def _scores_in_two_stages(self, inputs):
-        if self.scorer is None:
-            return False
-        tokens = inputs.shape[:-1].num_elements()
-        return tokens is not None and tokens * self.scorer.candidates <= \
-            GATHER_MAX_SHARE * self.hidden_dim
+    def pre_activations(self, inputs):
+        """`inputs @ W1 + b1`, the hidden layer before ReLU and Top-k, in
+        the inputs' dtype (inside `call`, Keras has already cast the
+        weights to it)."""
+        bias = self.intermediate_bias
+        return _project(
+            inputs, tf.cast(self.intermediate_kernel, inputs.dtype),
+            None if bias is None else tf.cast(bias, inputs.dtype))
 
     def _two_stage_output(self, inputs):
         scorer = self.scorer

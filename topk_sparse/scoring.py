@@ -22,6 +22,9 @@ the exact top-k and the cosine of the MLP output to the exact path.
 import numpy as np
 import tensorflow as tf
 
+from topk_sparse import ops
+from topk_sparse.sparsity import TopKRecall
+
 
 def low_rank_factors(kernel, inputs, rank):
     """`(factor [d, rank], basis [rank, n])`, float32, such that
@@ -121,39 +124,29 @@ def measure_two_stage(mlp, inputs, chunk=256):
     if scorer is None:
         raise ValueError(f"SparseMLP {mlp.name!r} has no scorer: call "
                          "calibrate_scoring first.")
-    dtype = mlp.compute_dtype
-    tokens = tf.reshape(tf.cast(inputs, dtype),
+    tokens = tf.reshape(tf.cast(inputs, mlp.compute_dtype),
                         [-1, scorer.kernel_rows.shape[-1]])
-    kernel = tf.cast(mlp.intermediate_kernel, dtype)
-    output_kernel = tf.cast(mlp.output_kernel, dtype)
+    output_kernel = tf.cast(mlp.output_kernel, tokens.dtype)
     bias = mlp.intermediate_bias
-    bias = None if bias is None else tf.cast(bias, dtype)
+    bias = None if bias is None else tf.cast(bias, tokens.dtype)
 
     def output(values, indices):
-        rows = tf.gather(output_kernel, indices)
         return tf.math.l2_normalize(
-            tf.squeeze(tf.matmul(values[:, None, :], rows), 1), -1)
+            ops.sparse_mlp_product(values, indices, output_kernel), -1)
 
-    hits = positives = 0
+    recall = TopKRecall(mlp.k, sample_tokens=chunk)
     cosines = []
     for start in range(0, tokens.shape[0], chunk):
         x = tokens[start:start + chunk]
-        hidden = tf.matmul(x, kernel)
-        if bias is not None:
-            hidden = hidden + bias
-        exact_values, exact_indices = tf.math.top_k(tf.nn.relu(hidden), mlp.k)
-        values, indices = two_stage_topk(
+        hidden = mlp.pre_activations(x)
+        exact = ops.topk_activations(hidden, mlp.k, "exact")
+        two_stage = two_stage_topk(
             x, mlp.k, scorer.candidates, scorer.factor, scorer.basis,
             scorer.kernel_rows, bias)
-        positive = exact_values.numpy() > 0
-        found = (exact_indices.numpy()[:, :, None]
-                 == indices.numpy()[:, None, :]).any(-1)
-        hits += int((found & positive).sum())
-        positives += int(positive.sum())
-        cosines.append(tf.reduce_sum(
-            output(exact_values, exact_indices) * output(values, indices),
-            -1).numpy())
-    return {"recall": hits / max(positives, 1),
+        recall.update_from_topk(hidden, *two_stage)
+        cosines.append(tf.reduce_sum(output(*exact) * output(*two_stage),
+                                     -1).numpy())
+    return {"recall": float(recall.result()),
             "cosine": float(np.mean(np.concatenate(cosines)))}
 
 
