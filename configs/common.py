@@ -84,6 +84,15 @@ def base_config():
     # (topk_sparse.data.corruptions) at these severities; () skips it.
     config.eval.corruptions = ()
     config.eval.severities = (1, 2, 3, 4, 5)
+    # Two-stage neuron scoring for batch-1 inference (topk_sparse.scoring),
+    # fitted after training to the MLPs' inputs on `examples` training
+    # examples and measured on as many test examples: recall of the exact
+    # top-k and output cosine per MLP in report.json. Rank 0 skips it;
+    # candidates None is 4 k.
+    config.eval.two_stage = ml_collections.ConfigDict()
+    config.eval.two_stage.rank = 0
+    config.eval.two_stage.candidates = config_dict.placeholder(int)
+    config.eval.two_stage.examples = 64
     config.verbose = 2
     return config
 

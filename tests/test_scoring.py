@@ -123,11 +123,15 @@ def test_training_with_a_scorer_is_refused_until_removed():
 
 @pytest.mark.parametrize("kwargs, match", [
     ({"candidates": 4}, "candidates"), ({"candidates": 257}, "candidates"),
-    ({"candidates": 16.0}, "candidates")])
-def test_calibration_rejects_bad_candidates(kwargs, match):
+    ({"candidates": 16.0}, "candidates"), ({"rank": 33}, r"rank .*\[1, 32\]"),
+    ({"rank": 0}, "rank")])
+def test_calibration_rejects_bad_rank_and_candidates(kwargs, match):
+    layer = mlp()  # d=32, hidden 256, k=8
     with pytest.raises(ValueError, match=match):
-        mlp().calibrate_scoring(low_dim_inputs(100, 32, 8, 8), rank=8,
-                                **kwargs)
+        layer.check_scoring(**{"rank": 8, **kwargs})
+    with pytest.raises(ValueError, match=match):
+        layer.calibrate_scoring(low_dim_inputs(100, 32, 8, 8),
+                                **{"rank": 8, **kwargs})
 
 
 def test_calibration_needs_k_and_a_built_layer():
@@ -154,9 +158,14 @@ def test_model_calibration_records_every_mlp_eagerly():
     model = ViT("micro", image_size=16, num_classes=10, k=8)
     images = np.random.default_rng(10).normal(
         size=(3, 8, 16, 16, 3)).astype("float32")
+    model(images[0])  # the sparsity metrics count these 8 images
+    counted = [v.numpy() for v in model.metrics_variables]
     quality = scoring.calibrate(model, images[:2], rank=16, candidates=16,
                                 held_out=images[2:])
     assert set(quality) == {"encoder/block_0/mlp", "encoder/block_1/mlp"}
+    # Calibration's own calls are not counted.
+    for variable, value in zip(model.metrics_variables, counted):
+        np.testing.assert_array_equal(variable.numpy(), value)
     for path, mlp_ in model.sparse_mlps().items():
         assert mlp_.scorer.rank == 16
         assert 0 < quality[path]["recall"] <= 1

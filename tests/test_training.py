@@ -126,6 +126,8 @@ def _check_workdir(workdir, config, report):
 def test_train_runlocal_one_device_jit(tmp_path):
     config = load_config("vit_digits", "runlocal")
     config.strategy = "cpu"
+    config.eval.two_stage.rank = 8  # of width 32; 64 of mlp_dim 128
+    config.eval.two_stage.candidates = 64
     workdir = str(tmp_path / "vit")
     report = training.train(config, workdir)
 
@@ -179,6 +181,18 @@ def test_train_runlocal_one_device_jit(tmp_path):
     np.testing.assert_allclose(
         robust_logs["robustness/mean/accuracy"][6],
         robust["mean"]["accuracy"], rtol=1e-6)
+    # Two-stage scoring, fitted after training, measured on test tokens.
+    two_stage = report["two_stage"]
+    assert (two_stage["rank"], two_stage["candidates"]) == (8, 64)
+    assert list(two_stage["layers"]) == list(report["nonzero_fraction"])
+    for quality in two_stage["layers"].values():
+        assert 0 < quality["recall"] <= 1 and -1 <= quality["cosine"] <= 1
+    np.testing.assert_allclose(two_stage["recall"], np.mean(
+        [q["recall"] for q in two_stage["layers"].values()]))
+    two_stage_logs = read_scalars(os.path.join(workdir, "tensorboard",
+                                               "two_stage"))
+    np.testing.assert_allclose(two_stage_logs["two_stage/cosine"][6],
+                               two_stage["cosine"], rtol=1e-6)
 
 
 def test_train_mirrored_mixed_precision(tmp_path):
@@ -295,6 +309,7 @@ def test_train_t5_runlocal(tmp_path):
     config = load_config("t5_synthetic", "runlocal")
     config.strategy = "cpu"
     config.jit_compile = False  # XLA: see the ViT test; it compiles slowly
+    config.eval.two_stage.rank = 16  # inputs are (encoder, decoder) dicts
     workdir = str(tmp_path / "t5")
     report = training.train(config, workdir)
 
@@ -305,6 +320,27 @@ def test_train_t5_runlocal(tmp_path):
     assert report["nonzero_fraction"]
     for value in report["nonzero_fraction"].values():
         assert 0.0 < value <= 0.5
+    # Encoder and decoder MLPs; candidates default to 4 k = all 256.
+    assert report["two_stage"]["candidates"] == 256
+    assert list(report["two_stage"]["layers"]) == list(
+        report["nonzero_fraction"])
+    # Every neuron rescored exactly: the exact top-k up to float rounding.
+    assert report["two_stage"]["recall"] > 0.999
+
+
+@pytest.mark.parametrize("model_k, two_stage, match", [
+    (None, {"rank": 8}, "needs Top-k MLPs"),
+    (32, {"rank": 33}, "rank must be"),
+    (32, {"rank": 8, "candidates": 16}, "candidates must be"),
+    (32, {"rank": 8, "examples": 0}, "examples must be positive")])
+def test_two_stage_arguments_fail_before_training(tmp_path, model_k,
+                                                  two_stage, match):
+    config = load_config("vit_digits", "runlocal")
+    config.model.k = model_k
+    config.eval.two_stage.update(two_stage)
+    with pytest.raises(ValueError, match=match):
+        training.train(config, str(tmp_path))
+    assert not os.path.exists(os.path.join(tmp_path, "backup"))
 
 
 def test_train_t5_c4_runlocal_on_mocked_tfds(tmp_path):

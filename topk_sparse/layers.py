@@ -253,10 +253,20 @@ class SparseMLP(keras.layers.Layer):
           candidates: int, `k <= candidates <= hidden_dim`, rescored per
             token. Defaults to `4 * k` (at most `hidden_dim`).
         """
+        candidates = self.check_scoring(rank, candidates)
+        self.scorer = scoring.TwoStageScorer(
+            self.intermediate_kernel.numpy(), inputs, rank, candidates,
+            dtype=self.compute_dtype)
+
+    def check_scoring(self, rank, candidates=None):
+        """Raises unless `calibrate_scoring(inputs, rank, candidates)` can
+        run (before any inputs exist: a trainer checks its config with it);
+        returns `candidates`, its default resolved."""
         if self.k is None or not self.built:
             raise ValueError(
                 f"SparseMLP {self.name!r}: two-stage scoring needs a built "
                 f"layer with k set, got built={self.built}, k={self.k}.")
+        scoring.validate_rank(rank, *self.intermediate_kernel.shape)
         if candidates is None:
             candidates = min(4 * self.k, self.hidden_dim)
         if isinstance(candidates, bool) or not isinstance(candidates, int) \
@@ -264,9 +274,7 @@ class SparseMLP(keras.layers.Layer):
             raise ValueError(
                 f"candidates must be an int in [k={self.k}, hidden_dim="
                 f"{self.hidden_dim}], got {candidates!r}.")
-        self.scorer = scoring.TwoStageScorer(
-            self.intermediate_kernel.numpy(), inputs, rank, candidates,
-            dtype=self.compute_dtype)
+        return candidates
 
     def remove_scoring(self):
         """Back to scoring every neuron exactly on the gathered path."""

@@ -25,15 +25,16 @@ usual CIFAR-10-C summary).
 The model runs in one `tf.function` (the corruption is chosen inside it by
 `tf.switch_case`, so the model is traced once, not once per corruption).
 Every pass calls the model, which updates the activation-sparsity metrics
-of its `SparseMLP` / `TopKActivation` layers; their state (all of
-`model.metrics_variables`) is saved first and restored afterwards, so a
-`SparsityCallback` or `fit` history is not polluted by evaluation.
+of its `SparseMLP` / `TopKActivation` layers; their state is restored
+afterwards (`sparsity.metrics_restored`), so a `SparsityCallback` or `fit`
+history is not polluted by these passes.
 """
 
 import keras
 import numpy as np
 import tensorflow as tf
 
+from topk_sparse import sparsity
 from topk_sparse.calibration import ExpectedCalibrationError
 from topk_sparse.data import corruptions as corruptions_lib
 from topk_sparse.data import images as images_lib
@@ -133,16 +134,12 @@ def _mean(scores):
 def _evaluate(model, passes, clean, corrupted):
     """Runs `clean()` and `corrupted(name, severity)` for each pass, with
     the model's metric state restored afterwards; returns the result dict."""
-    saved = [v.numpy() for v in model.metrics_variables]
-    try:
+    with sparsity.metrics_restored(model):
         result = {"clean": clean(), "corruptions": {}}
         for name, severities in passes:
             scores = {str(s): corrupted(name, s) for s in severities}
             scores["mean"] = _mean(list(scores.values()))
             result["corruptions"][name] = scores
-    finally:
-        for variable, value in zip(model.metrics_variables, saved):
-            variable.assign(value)
     result["mean"] = _mean([score for scores in result["corruptions"].values()
                             for key, score in scores.items() if key != "mean"])
     return result

@@ -23,7 +23,7 @@ import numpy as np
 import tensorflow as tf
 
 from topk_sparse import ops
-from topk_sparse.sparsity import TopKRecall
+from topk_sparse.sparsity import TopKRecall, metrics_restored
 
 
 def low_rank_factors(kernel, inputs, rank):
@@ -42,11 +42,7 @@ def low_rank_factors(kernel, inputs, rank):
     """
     kernel = np.asarray(kernel, np.float64)
     d, n = kernel.shape
-    if isinstance(rank, bool) or not isinstance(rank, int) or \
-            not 0 < rank <= min(d, n):
-        raise ValueError(
-            f"rank must be an int in [1, {min(d, n)}] (min of the kernel's "
-            f"{d} x {n}), got {rank!r}.")
+    validate_rank(rank, d, n)
     inputs = np.asarray(inputs, np.float64).reshape(-1, d)
     if len(inputs) < rank:
         raise ValueError(
@@ -57,6 +53,17 @@ def low_rank_factors(kernel, inputs, rank):
     _, _, basis = np.linalg.svd(root.T @ kernel, full_matrices=False)
     basis = basis[:rank]
     return ((kernel @ basis.T).astype(np.float32), basis.astype(np.float32))
+
+
+def validate_rank(rank, d, n):
+    """Returns `rank` if it is an int in `[1, min(d, n)]` (a `[d, n]`
+    kernel's), else raises."""
+    if isinstance(rank, bool) or not isinstance(rank, int) or \
+            not 0 < rank <= min(d, n):
+        raise ValueError(
+            f"rank must be an int in [1, {min(d, n)}] (min of the kernel's "
+            f"{d} x {n}), got {rank!r}.")
+    return rank
 
 
 def two_stage_topk(x, k, candidates, factor, basis, kernel_rows, bias=None):
@@ -163,6 +170,8 @@ def calibrate(model, batches, rank, candidates=None, held_out=None):
       held_out: iterable of model inputs to measure on; None measures on
         `batches` (in-sample: optimistic).
 
+    The model's metrics (its layers' sparsity) are left as they were.
+
     Returns:
       `{mlp path: {"recall", "cosine"}}`, see `measure_two_stage`.
     """
@@ -171,7 +180,7 @@ def calibrate(model, batches, rank, candidates=None, held_out=None):
     mlps = model.sparse_mlps()
 
     def record(inputs):
-        with recording_inputs(mlps) as records:
+        with metrics_restored(model), recording_inputs(mlps) as records:
             for batch in inputs:
                 model(batch, training=False)
         return {name: tf.concat(parts, 0) for name, parts in records.items()}

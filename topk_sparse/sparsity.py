@@ -12,6 +12,8 @@ model. Layers with an approximate method (`"approx"`, `"statistical"`) also
 own a `TopKRecall`, `<layer>/topk_recall`.
 """
 
+import contextlib
+
 import keras
 from keras import ops
 import numpy as np
@@ -164,3 +166,20 @@ class TopKRecall(keras.metrics.Metric):
     def get_config(self):
         return {**super().get_config(), "k": self.k,
                 "sample_tokens": self.sample_tokens}
+
+
+@contextlib.contextmanager
+def metrics_restored(model):
+    """Restores all of `model.metrics_variables` on exit.
+
+    Every call of the model updates its layers' sparsity metrics: passes
+    that are not evaluation (corrupted inputs, recording calibration
+    inputs) run inside this, so that `fit` logs, callbacks and reports
+    see only what `fit` / `evaluate` measured.
+    """
+    saved = [v.numpy() for v in model.metrics_variables]
+    try:
+        yield
+    finally:
+        for variable, value in zip(model.metrics_variables, saved):
+            variable.assign(value)

@@ -29,7 +29,7 @@ import numpy as np
 import tensorflow as tf
 
 from topk_sparse import (calibration, callbacks, data, distribute,
-                         robustness)
+                         robustness, scoring)
 from topk_sparse.data import corruptions as corruptions_lib
 
 MODELS = ("vit", "t5")
@@ -105,6 +105,9 @@ def train(config, workdir, strategy=None):
             # Optimizer variables made now, not in the first traced step:
             # a tf.function that creates variables is traced twice.
             model.optimizer.build(model.trainable_variables)
+        two_stage = config.eval.two_stage
+        if two_stage.rank:  # its arguments fail now, not after training
+            _check_two_stage(model, two_stage)
 
         # === Callbacks ===
         fit_callbacks = [
@@ -159,6 +162,11 @@ def train(config, workdir, strategy=None):
             robustness.write_summaries(
                 result, os.path.join(workdir, "tensorboard", name),
                 int(model.optimizer.iterations.numpy()))
+        measured_scoring = {}
+        if two_stage.rank:
+            measured_scoring["two_stage"] = _measure_two_stage(
+                model, two_stage, train_data, eval_data,
+                os.path.join(workdir, "tensorboard", "two_stage"))
     finally:
         keras.mixed_precision.set_global_policy(previous_policy)
 
@@ -194,6 +202,8 @@ def train(config, workdir, strategy=None):
         # Per corruption and severity: accuracy and ECE, as in the paper's
         # Table 1 robustness columns.
         **corrupted,
+        # Two-stage scoring's recall and output cosine, if asked for.
+        **measured_scoring,
         "history": {name: [float(v) for v in values]
                     for name, values in history.history.items()},
         "train_time_s": round(train_time, 2),
@@ -203,6 +213,47 @@ def train(config, workdir, strategy=None):
     print(format_report(report, workdir), flush=True)
     model.save(os.path.join(workdir, "model.keras"))
     return report
+
+
+def _check_two_stage(model, two_stage):
+    if not model.sparse_mlps() or any(
+            mlp.k is None for mlp in model.sparse_mlps().values()):
+        raise ValueError(
+            f"config.eval.two_stage.rank={two_stage.rank} needs Top-k MLPs: "
+            f"set config.model.k, or rank 0 for the dense model.")
+    for mlp in model.sparse_mlps().values():
+        mlp.check_scoring(two_stage.rank, two_stage.candidates)
+    if two_stage.examples <= 0:
+        raise ValueError(f"config.eval.two_stage.examples must be positive, "
+                         f"got {two_stage.examples}.")
+
+
+def _measure_two_stage(model, two_stage, train_data, eval_data, log_dir):
+    """Calibrates two-stage scoring on training examples, measures it on
+    test examples (`scoring.calibrate`); writes the means to TensorBoard.
+
+    Returns `{"rank", "candidates", "recall", "cosine", "layers": {mlp
+    path: {"recall", "cosine"}}}`, recall and cosine averaged over MLPs.
+    """
+    def examples(dataset):  # one batch of model inputs, labels dropped
+        return dataset.unbatch().take(two_stage.examples).batch(
+            two_stage.examples).map(lambda inputs, *labels: inputs)
+
+    layers = scoring.calibrate(
+        model, examples(train_data), two_stage.rank, two_stage.candidates,
+        held_out=examples(eval_data))
+    mlp = next(iter(model.sparse_mlps().values()))
+    result = {"rank": two_stage.rank, "candidates": mlp.scorer.candidates,
+              **{name: float(np.mean([m[name] for m in layers.values()]))
+                 for name in ("recall", "cosine")},
+              "layers": layers}
+    writer = tf.summary.create_file_writer(log_dir)
+    with writer.as_default():
+        for name in ("recall", "cosine"):
+            tf.summary.scalar(f"two_stage/{name}", result[name],
+                              step=int(model.optimizer.iterations.numpy()))
+    writer.close()
+    return result
 
 
 def exact_match(model, dataset, num_examples):
@@ -387,6 +438,13 @@ def format_report(report, workdir):
                          f"(%) by corruption and severity")
             lines += ["    " + line for line in
                       robustness.format_table(report[name]).splitlines()]
+    if "two_stage" in report:
+        two_stage = report["two_stage"]
+        lines.append(
+            f"  two-stage scoring (rank {two_stage['rank']}, "
+            f"{two_stage['candidates']} candidates), mean over MLPs on test "
+            f"tokens: recall of the exact top-k {two_stage['recall']:.4f}, "
+            f"output cosine {two_stage['cosine']:.4f}")
     lines.append(f"  report: {os.path.join(workdir, 'report.json')}")
     return "\n".join(lines)
 
