@@ -216,8 +216,7 @@ def train(config, workdir, strategy=None):
 
 
 def _check_two_stage(model, two_stage):
-    if not model.sparse_mlps() or any(
-            mlp.k is None for mlp in model.sparse_mlps().values()):
+    if any(mlp.k is None for mlp in model.sparse_mlps().values()):
         raise ValueError(
             f"config.eval.two_stage.rank={two_stage.rank} needs Top-k MLPs: "
             f"set config.model.k, or rank 0 for the dense model.")
