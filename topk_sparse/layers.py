@@ -339,11 +339,9 @@ class SparseMLP(keras.layers.Layer):
             None if bias is None else tf.cast(bias, inputs.dtype))
 
     def _two_stage_output(self, inputs):
-        scorer = self.scorer
         flat = tf.reshape(inputs, [-1, inputs.shape[-1]])
-        values, indices = scoring.two_stage_topk(
-            flat, self.k, scorer.candidates, scorer.factor, scorer.basis,
-            scorer.kernel_rows, self.intermediate_bias)
+        values, indices = self.scorer.topk(flat, self.k,
+                                           self.intermediate_bias)
         lead = tf.shape(inputs)[:-1]
         values = tf.reshape(values, tf.concat([lead, [self.k]], 0))
         indices = tf.reshape(indices, tf.concat([lead, [self.k]], 0))

@@ -267,8 +267,8 @@ def statistical_cutoff(x, k):
     nothing: 2048 x 3072 train step, four side-by-side runs, 1.05-1.07x
     dense with `E[(x - mean)²]`, 1.00-1.03x with `E[x²] - mean²`. Under XLA
     the two-pass form fuses and measured 0.96-1.15x against 1.00-1.08x
-    (faster in 3 of 4 runs), so it is kept there. The one-pass variance loses about
-    `eps · mean² / variance` of relative precision: nothing for
+    (faster in 3 of 4 runs), so it is kept there. The one-pass variance
+    loses about `eps · mean² / variance` of relative precision: nothing for
     pre-activations, whose mean is within a few standard deviations of 0.
 
     Returns:

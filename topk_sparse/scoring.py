@@ -115,6 +115,11 @@ class TwoStageScorer(tf.Module):
         self.kernel_rows = frozen(np.asarray(kernel, np.float32).T,
                                   "kernel_rows")
 
+    def topk(self, x, k, bias=None):
+        """`two_stage_topk` of `x` `[tokens, d]` with this scorer's state."""
+        return two_stage_topk(x, k, self.candidates, self.factor, self.basis,
+                              self.kernel_rows, bias)
+
 
 def measure_two_stage(mlp, inputs, chunk=256):
     """Recall of the exact top-k and mean cosine of the outputs, two-stage
@@ -147,9 +152,7 @@ def measure_two_stage(mlp, inputs, chunk=256):
         x = tokens[start:start + chunk]
         hidden = mlp.pre_activations(x)
         exact = ops.topk_activations(hidden, mlp.k, "exact")
-        two_stage = two_stage_topk(
-            x, mlp.k, scorer.candidates, scorer.factor, scorer.basis,
-            scorer.kernel_rows, bias)
+        two_stage = scorer.topk(x, mlp.k, bias)
         recall.update_from_topk(hidden, *two_stage)
         cosines.append(tf.reduce_sum(output(*exact) * output(*two_stage),
                                      -1).numpy())

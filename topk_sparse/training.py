@@ -247,10 +247,10 @@ def _measure_two_stage(model, two_stage, train_data, eval_data, log_dir):
                  for name in ("recall", "cosine")},
               "layers": layers}
     writer = tf.summary.create_file_writer(log_dir)
-    with writer.as_default():
+    step = int(model.optimizer.iterations.numpy())
+    with writer.as_default(step=step):
         for name in ("recall", "cosine"):
-            tf.summary.scalar(f"two_stage/{name}", result[name],
-                              step=int(model.optimizer.iterations.numpy()))
+            tf.summary.scalar(f"two_stage/{name}", result[name])
     writer.close()
     return result
 
