@@ -33,6 +33,8 @@ setup(
         # and the embedded default, scikit-learn's handwritten digits.
         "tensorflow-datasets>=4.9",
         "scikit-learn>=1.3",
+        # Reliability diagrams (TensorBoard images) and the study's plots.
+        "matplotlib>=3.7",
     ],
     extras_require={
         **TENSORFLOW,

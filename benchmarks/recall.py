@@ -86,11 +86,11 @@ def table(source, rows, ks, recall_targets):
 def two_stage_table(source, mlp, calibration, held_out, ranks, candidates):
     out = []
     d = held_out.shape[-1]
-    for rank in [r for r in ranks if r <= min(d, mlp.hidden_dim)]:
-        for count in [c for c in candidates if mlp.k <= c <= mlp.hidden_dim]:
+    for rank in [r for r in ranks if r <= min(d, mlp.mlp_dim)]:
+        for count in [c for c in candidates if mlp.k <= c <= mlp.mlp_dim]:
             mlp.calibrate_scoring(calibration, rank, count)
             quality = scoring.measure_two_stage(mlp, held_out)
-            out.append({"source": source, "d": d, "n": mlp.hidden_dim,
+            out.append({"source": source, "d": d, "n": mlp.mlp_dim,
                         "k": mlp.k, "rank": rank, "candidates": count,
                         **quality})
     mlp.remove_scoring()

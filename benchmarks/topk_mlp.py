@@ -20,8 +20,8 @@ machine hits them all alike; ratios use medians. Sparsity tracking is off in
 every case: this measures the Top-k and gather costs alone.
 
 Usage:
-  python benchmarks/topk_mlp.py                      # d=768, hidden 3072, k=64
-  python benchmarks/topk_mlp.py --k=32 --d_model=512 --hidden=2048
+  python benchmarks/topk_mlp.py                      # width 768, mlp_dim 3072, k=64
+  python benchmarks/topk_mlp.py --k=32 --width=512 --mlp_dim=2048
 """
 
 import argparse
@@ -41,8 +41,8 @@ tf.get_logger().setLevel("ERROR")
 
 
 def _mlp(args, **kwargs):
-    layer = SparseMLP(args.hidden, track_sparsity=False, **kwargs)
-    layer.build((None, args.d_model))
+    layer = SparseMLP(args.mlp_dim, track_sparsity=False, **kwargs)
+    layer.build((None, args.width))
     return layer
 
 
@@ -87,7 +87,7 @@ def _rows(times, baseline):
 
 
 def training_table(args):
-    x = tf.random.stateless_normal([args.tokens, args.d_model], seed=[0, 0])
+    x = tf.random.stateless_normal([args.tokens, args.width], seed=[0, 0])
     dense = _mlp(args, k=None)
     rows = []
     for jit in (False, True):
@@ -122,7 +122,7 @@ def inference_table(args):
     paths = {"masked": mlps(k=args.k, implementation="masked"),
              "gather": mlps(k=args.k, implementation="gather"),
              "two-stage": mlps(k=args.k, implementation="gather")}
-    calibration = tf.random.stateless_normal([4 * args.rank, args.d_model],
+    calibration = tf.random.stateless_normal([4 * args.rank, args.width],
                                              seed=[2, 0])
     for i, reference in enumerate(dense):
         for layers in paths.values():
@@ -131,7 +131,7 @@ def inference_table(args):
             calibration, args.rank, args.candidates)
     rows = []
     for batch in args.batches:
-        x = tf.random.stateless_normal([batch, args.d_model], seed=[1, batch])
+        x = tf.random.stateless_normal([batch, args.width], seed=[1, batch])
         for jit in (False, True):
             cases = {"dense relu": _stack(dense, x, jit)}
             for path, layers in paths.items():
@@ -160,8 +160,8 @@ def print_table(title, rows, keys):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--d_model", type=int, default=768)
-    parser.add_argument("--hidden", type=int, default=3072)
+    parser.add_argument("--width", type=int, default=768)
+    parser.add_argument("--mlp_dim", type=int, default=3072)
     parser.add_argument("--k", type=int, default=64)
     parser.add_argument("--tokens", type=int, default=2048,
                         help="tokens per training step")
@@ -184,7 +184,7 @@ def main():
     result["training"] = training_table(args)
     columns = ["min_ms", "median_ms", "ratio"]
     print_table(f"Training step (fwd+bwd), {args.tokens} tokens, "
-                f"d={args.d_model}, hidden={args.hidden}: time / dense",
+                f"width={args.width}, mlp_dim={args.mlp_dim}: time / dense",
                 result["training"], ["mode", "case", *columns])
     result["inference"] = inference_table(args)
     print_table(f"Inference (forward through {args.layers} MLPs): time / "

@@ -9,7 +9,7 @@ larger), TPUStrategy and bfloat16:
     # Dense baseline:  ... --config.model.k=None
     python -m trainers.t5 --config=configs/t5_base_c4.py:runlocal
 
-T5-Base: 12+12 layers, d_model 768, d_ff 3072; Top-128 keeps 128 of 3072
+T5-Base: 12+12 layers, width 768, mlp_dim 3072; Top-128 keeps 128 of 3072
 activations per token.
 
 Expected (paper, arXiv 2210.06313): trained T5-Base has 3.0% of its MLP

@@ -10,7 +10,7 @@ Beam job). On a TPU VM, TPUStrategy and bfloat16:
     # Dense baseline:  ... --config.model.k=None
     python -m trainers.t5 --config=configs/t5_small_c4.py:runlocal
 
-T5-Small: 6+6 layers, d_model 512, d_ff 2048. Top-128 keeps 128 of 2048
+T5-Small: 6+6 layers, width 512, mlp_dim 2048. Top-128 keeps 128 of 2048
 activations per token.
 
 Expected (paper, arXiv 2210.06313): trained T5-Base has 3.0% of its MLP

@@ -13,7 +13,7 @@ On a TPU VM, TPUStrategy and bfloat16:
     # newstest2014:    ... --config.data.eval_split=test
     python -m trainers.t5 --config=configs/t5_wmt.py:runlocal
 
-T5-Small: 6+6 layers, d_model 512, d_ff 2048. Top-128 keeps 128 of 2048
+T5-Small: 6+6 layers, width 512, mlp_dim 2048. Top-128 keeps 128 of 2048
 activations per token.
 
 Expected: not measured (no TPU or WMT data on the machine this was written

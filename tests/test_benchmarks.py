@@ -24,7 +24,7 @@ def _run(args, cwd=ROOT):
 
 def test_topk_mlp(tmp_path):
     out = tmp_path / "mlp.json"
-    _run(["benchmarks/topk_mlp.py", "--d_model=16", "--hidden=64", "--k=4",
+    _run(["benchmarks/topk_mlp.py", "--width=16", "--mlp_dim=64", "--k=4",
           "--tokens=32", "--batches", "1", "32", "--repeats=2",
           "--layers=2", "--rank=8", "--candidates=8", f"--json={out}"])
     result = json.loads(out.read_text())

@@ -88,7 +88,7 @@ def check_sparsity_values(events, model, history, paths=LAYERS):
         nonzero = last(events, f"sparsity/{path}/nonzero_fraction")
         np.testing.assert_allclose(
             nonzero, history[f"{path}/nonzero_fraction"][-1], rtol=1e-6)
-        sparsity = model.get_layer(path).sparsity
+        sparsity = model.get_layer(path).nonzero_fraction
         np.testing.assert_allclose(
             last(events, f"sparsity/{path}/dead_fraction"),
             float(sparsity.dead_fraction()), rtol=1e-6)
@@ -159,7 +159,7 @@ def test_sparsity_callback_epochs_with_validation(tmp_path):
             last(events, f"sparsity/{path}/nonzero_fraction"),
             history[f"{path}/nonzero_fraction"][-1], rtol=1e-6)
         np.testing.assert_allclose(
-            float(model.get_layer(path).sparsity.result()),
+            float(model.get_layer(path).nonzero_fraction.result()),
             history[f"val_{path}/nonzero_fraction"][-1], rtol=1e-6)
     assert len(history["mean_nonzero_fraction"]) == 2
     assert len(history["mean_dead_fraction"]) == 2
@@ -207,7 +207,7 @@ def test_sparse_mlps_paths_and_no_histograms(tmp_path):
     events, _ = read_events(tmp_path)
     paths = ["encoder/block_0/mlp", "encoder/block_1/mlp", "head_topk"]
     assert set(events) == sparsity_tags(paths, histograms=False)
-    metrics = [b.sparsity for b in model.blocks] + [model.topk.sparsity]
+    metrics = [b.nonzero_fraction for b in model.blocks] + [model.topk.nonzero_fraction]
     for path, metric in zip(paths, metrics):
         assert steps(events, f"sparsity/{path}/nonzero_fraction") == [3]
         np.testing.assert_allclose(
@@ -230,7 +230,7 @@ def test_both_callbacks_jit_compile(tmp_path):
                         callbacks=callbacks).history
     # After the calibration pass: the epoch's training tokens only.
     for path in LAYERS:
-        assert float(model.get_layer(path).sparsity.token_count.numpy()) == \
+        assert float(model.get_layer(path).nonzero_fraction.token_count.numpy()) == \
             N_TRAIN * TOKENS
     events, _ = read_events(tmp_path / "sparsity")
     check_sparsity_values(events, model, history)
@@ -257,7 +257,7 @@ def test_both_callbacks_mirrored_strategy(tmp_path):
     # Both replicas' tokens (the sum variables, read outside a replica), and
     # none from the calibration pass.
     for path in LAYERS:
-        assert float(model.get_layer(path).sparsity.token_count.numpy()) == \
+        assert float(model.get_layer(path).nonzero_fraction.token_count.numpy()) == \
             N_TRAIN * TOKENS
     events, _ = read_events(tmp_path / "sparsity")
     for tag in events:
@@ -288,7 +288,7 @@ def test_model_without_sparse_layers(track_sparsity, tmp_path):
     model = keras.Model(inputs, keras.layers.Dense(CLASSES)(hidden[:, 0]))
     model.compile(optimizer="sgd", loss="mse")
     x, y = data(4, 0)
-    with pytest.raises(ValueError, match="ActivationSparsity"):
+    with pytest.raises(ValueError, match="NonzeroFraction"):
         model.fit(x, np.eye(CLASSES)[y], verbose=0,
                   callbacks=[SparsityCallback(tmp_path)])
 

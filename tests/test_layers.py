@@ -29,7 +29,7 @@ def test_topk_activation(method, tmp_path):
         assert recall == [1.0]
     elif recall:
         assert 0 < recall[0] <= 1
-    sparsity = mirrored.get_layer("under_test").sparsity
+    sparsity = mirrored.get_layer("under_test").nonzero_fraction
     assert float(sparsity.token_count.numpy()) == 10 * 5
 
 
@@ -42,14 +42,14 @@ def test_topk_activation(method, tmp_path):
     {"k": 4, "output_dim": 6, "use_bias": False},
 ], ids=["dense", "exact", "approx", "gather", "statistical", "no_bias"])
 def test_sparse_mlp(kwargs, tmp_path):
-    kwargs = {"hidden_dim": 16, **kwargs}
+    kwargs = {"mlp_dim": 16, **kwargs}
     out_dim = kwargs.get("output_dim", 8)
     weights = 4 if kwargs.get("use_bias", True) else 2
     mirrored, history = check_layer(SparseMLP, kwargs, (5, 8), (5, out_dim),
                                     weights, tmp_path)
     fraction = history.history["under_test/nonzero_fraction"][0]
     assert 0 < fraction <= (kwargs["k"] or 16) / 16
-    sparsity = mirrored.get_layer("under_test").sparsity
+    sparsity = mirrored.get_layer("under_test").nonzero_fraction
     assert float(sparsity.token_count.numpy()) == 10 * 5
     # The per-token distribution adds up over replicas too.
     fractions, tokens = sparsity.token_nonzero_fractions()
@@ -91,11 +91,11 @@ def test_masked_and_gather_paths_agree():
     gather.build(x.shape)
     gather.set_weights(masked.get_weights())
     np.testing.assert_allclose(gather(x), masked(x), rtol=1e-5, atol=1e-5)
-    assert float(gather.sparsity.result()) == float(masked.sparsity.result())
+    assert float(gather.nonzero_fraction.result()) == float(masked.nonzero_fraction.result())
     for name in ("neuron_fire_count", "tokens_by_nonzero_count"):
         np.testing.assert_array_equal(
-            getattr(gather.sparsity, name).numpy(),
-            getattr(masked.sparsity, name).numpy())
+            getattr(gather.nonzero_fraction, name).numpy(),
+            getattr(masked.nonzero_fraction, name).numpy())
     # Gradients agree too.
     grads = []
     for layer in (masked, gather):
@@ -117,7 +117,7 @@ def test_sparse_mlp_matches_reference():
     expected = reference_topk_mask(x @ w1 + b1, 5) @ w2 + b2
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
     nonzero = (reference_topk_mask(x @ w1 + b1, 5) > 0).mean()
-    assert float(mlp.sparsity.result()) == pytest.approx(nonzero)
+    assert float(mlp.nonzero_fraction.result()) == pytest.approx(nonzero)
 
 
 def test_sparsity_metric_accumulates_and_resets():
@@ -125,15 +125,15 @@ def test_sparsity_metric_accumulates_and_resets():
     x = np.random.default_rng(3).normal(size=(6, 4)).astype("float32")
     mlp(x)
     mlp(x[:2])
-    assert float(mlp.sparsity.token_count.numpy()) == 8
-    mlp.sparsity.reset_state()
-    assert float(mlp.sparsity.result()) == 0.0
+    assert float(mlp.nonzero_fraction.token_count.numpy()) == 8
+    mlp.nonzero_fraction.reset_state()
+    assert float(mlp.nonzero_fraction.result()) == 0.0
     assert SparseMLP(8, track_sparsity=False).get_config()["track_sparsity"] \
         is False
 
 
 def test_untracked_layer_has_no_metric():
-    model = _compile(_model(SparseMLP, {"hidden_dim": 8, "k": 2,
+    model = _compile(_model(SparseMLP, {"mlp_dim": 8, "k": 2,
                                         "track_sparsity": False}, (3, 4)))
     x, y = _data((3, 4))
     history = model.fit(x, y, epochs=1, verbose=0)
@@ -147,14 +147,14 @@ def test_top_level_exports():
 
 
 @pytest.mark.parametrize("kwargs,error,match", [
-    ({"hidden_dim": 8, "k": 9}, ValueError, "larger than"),
-    ({"hidden_dim": 8, "k": 0}, ValueError, "positive int"),
-    ({"hidden_dim": 0}, ValueError, "hidden_dim"),
-    ({"hidden_dim": 8, "method": "topk"}, ValueError, "Unknown method"),
-    ({"hidden_dim": 8, "implementation": "sparse"}, ValueError,
+    ({"mlp_dim": 8, "k": 9}, ValueError, "larger than"),
+    ({"mlp_dim": 8, "k": 0}, ValueError, "positive int"),
+    ({"mlp_dim": 0}, ValueError, "mlp_dim"),
+    ({"mlp_dim": 8, "method": "topk"}, ValueError, "Unknown method"),
+    ({"mlp_dim": 8, "implementation": "sparse"}, ValueError,
      "Unknown implementation"),
-    ({"hidden_dim": 8, "recall_target": 0.0}, ValueError, "recall_target"),
-    ({"hidden_dim": 8, "output_dim": -1}, ValueError, "output_dim"),
+    ({"mlp_dim": 8, "recall_target": 0.0}, ValueError, "recall_target"),
+    ({"mlp_dim": 8, "output_dim": -1}, ValueError, "output_dim"),
 ])
 def test_sparse_mlp_bad_arguments(kwargs, error, match):
     with pytest.raises(error, match=match):

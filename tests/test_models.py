@@ -86,7 +86,7 @@ def test_vit_forward_shapes(pooling, k):
     images, _ = _images(3)
     assert model(images).shape == (3, NUM_CLASSES)
     fraction = float(model.sparse_mlps()["encoder/block_0/mlp"]
-                     .sparsity.result())
+                     .nonzero_fraction.result())
     if k is None:  # the dense ReLU baseline: about half active at init
         assert 0.2 < fraction < 0.8
     else:
@@ -106,7 +106,7 @@ def test_vit_sparse_mlps_are_named_by_path():
     for path, mlp in mlps.items():
         assert isinstance(mlp, SparseMLP)
         assert mlp.name == path.replace("/", "_")
-        assert (mlp.k, mlp.hidden_dim) == (K, 256)
+        assert (mlp.k, mlp.mlp_dim) == (K, 256)
 
 
 def test_vit_fit_decreases_loss_and_logs_sparsity():
@@ -148,7 +148,7 @@ def test_vit_mirrored_strategy_fit():
     _check_sparsity_logs(model, history, K, 128)
     mlp = model.sparse_mlps()["encoder/block_0/mlp"]
     # Both replicas' tokens are counted: 8 images x 17 tokens.
-    assert float(mlp.sparsity.token_count.numpy()) == 8 * 17
+    assert float(mlp.nonzero_fraction.token_count.numpy()) == 8 * 17
 
 
 def _check_round_trip(model, inputs, tmp_path):

@@ -252,7 +252,7 @@ def test_default_evaluation_covers_everything_and_keeps_sparsity_state():
     keras.utils.set_random_seed(0)
     model = keras.Sequential([
         keras.Input((8, 8, 1)), keras.layers.Reshape((8, 8)),
-        SparseMLP(hidden_dim=16, k=4), keras.layers.Flatten(),
+        SparseMLP(mlp_dim=16, k=4), keras.layers.Flatten(),
         keras.layers.Dense(3)])
     x = _images((6, 8, 8, 1))
     model(x)  # some sparsity statistics of "training"

@@ -10,12 +10,12 @@ from topk_sparse.callbacks import CalibrationCallback, SparsityCallback
 from topk_sparse.calibration import (BrierScore, ExpectedCalibrationError,
                                      NegativeLogLikelihood)
 from topk_sparse.layers import SparseMLP, TopKActivation
-from topk_sparse.sparsity import ActivationSparsity
+from topk_sparse.sparsity import NonzeroFraction
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "ActivationSparsity", "BrierScore", "CalibrationCallback",
+    "NonzeroFraction", "BrierScore", "CalibrationCallback",
     "ExpectedCalibrationError", "NegativeLogLikelihood", "SparseMLP",
     "SparsityCallback", "TopKActivation", "ops", "scoring",
 ]

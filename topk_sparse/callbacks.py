@@ -5,8 +5,8 @@
 (about 3% in T5-Base, 6.3% in ViT-B/16) and how well calibrated the
 resulting classifier is (Table 1: Top-k lowers ViT's ECE from 8.42 to 7.48).
 
-- `SparsityCallback` reads the `ActivationSparsity` metric that every
-  `SparseMLP` / `TopKActivation` owns (`layer.sparsity`) and writes, per layer,
+- `SparsityCallback` reads the `NonzeroFraction` metric that every
+  `SparseMLP` / `TopKActivation` owns (`layer.nonzero_fraction`) and writes, per layer,
   `sparsity/<path>/nonzero_fraction`, `sparsity/<path>/dead_fraction` and
   the histograms `sparsity/<path>/neuron_fire_rate` and
   `sparsity/<path>/token_nonzero_fraction`, plus
@@ -48,7 +48,7 @@ import tensorflow as tf
 from topk_sparse.calibration import (BrierScore, ExpectedCalibrationError,
                                      NegativeLogLikelihood,
                                      reliability_diagram_image)
-from topk_sparse.sparsity import ActivationSparsity
+from topk_sparse.sparsity import NonzeroFraction
 
 _HISTOGRAM_METADATA = histogram_metadata.create_summary_metadata(
     display_name=None, description=None)
@@ -108,10 +108,10 @@ class _SummaryCallback(keras.callbacks.Callback):
 
 
 def sparse_layers(model):
-    """Returns `{tag path: ActivationSparsity}` for every tracked layer.
+    """Returns `{tag path: NonzeroFraction}` for every tracked layer.
 
     A layer is tracked when its `sparsity` attribute is an
-    `ActivationSparsity` (a built `SparseMLP` or `TopKActivation` with
+    `NonzeroFraction` (a built `SparseMLP` or `TopKActivation` with
     `track_sparsity=True`). Its path is the one the model's `sparse_mlps()`
     gives it, where the model has that method, else the layer name.
 
@@ -124,8 +124,8 @@ def sparse_layers(model):
                  for path, layer in model.sparse_mlps().items()}
     found = {}
     for layer in model._flatten_layers(include_self=False):
-        metric = getattr(layer, "sparsity", None)
-        if not isinstance(metric, ActivationSparsity):
+        metric = getattr(layer, "nonzero_fraction", None)
+        if not isinstance(metric, NonzeroFraction):
             continue
         path = paths.get(id(layer), layer.name)
         if path in found:
@@ -136,7 +136,7 @@ def sparse_layers(model):
     if not found:
         raise ValueError(
             f"Model {model.name!r} has no layer whose `sparsity` attribute is "
-            f"an `ActivationSparsity` (a built SparseMLP or TopKActivation "
+            f"an `NonzeroFraction` (a built SparseMLP or TopKActivation "
             f"with track_sparsity=True), so there is no sparsity to write.")
     return found
 
@@ -318,7 +318,7 @@ class CalibrationCallback(_SummaryCallback):
     `val_brier_score` and, unless `fit`'s own validation already put one
     there, `val_accuracy`.
 
-    The pass leaves the layers' own metrics (such as `layer.sparsity`) as it
+    The pass leaves the layers' own metrics (such as `layer.nonzero_fraction`) as it
     found them, so `SparsityCallback` reports training batches only.
 
     Args:

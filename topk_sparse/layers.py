@@ -6,7 +6,7 @@
   projection reads only the `k` kept rows, for inference); `k=None` is the
   plain ReLU MLP, the paper's dense baseline.
 
-Both own an `ActivationSparsity` metric, `layer.sparsity`, which Keras
+Both own an `NonzeroFraction` metric, `layer.nonzero_fraction`, which Keras
 reports in `fit` logs as `<layer name>/nonzero_fraction`.
 """
 
@@ -17,13 +17,13 @@ import keras
 import tensorflow as tf
 
 from topk_sparse import ops, scoring
-from topk_sparse.sparsity import ActivationSparsity, TopKRecall
+from topk_sparse.sparsity import NonzeroFraction, TopKRecall
 
 IMPLEMENTATIONS = ("masked", "gather", "auto")
 
 GATHER_MAX_SHARE = fractions.Fraction(1, 6)  # exact: no rounding at the edge
 """`implementation="auto"` gathers when a call reads at most this share of
-the output kernel's rows: `tokens * k <= GATHER_MAX_SHARE * hidden_dim`
+the output kernel's rows: `tokens * k <= GATHER_MAX_SHARE * mlp_dim`
 (hidden 3072, k=64: up to 8 tokens; k=256: 2).
 
 Measured with `python benchmarks/topk_mlp.py [--k=K] [--d_model=512
@@ -36,10 +36,10 @@ the kernel a dense pass reads once.
 """
 
 
-def _sparsity_metric(layer, units):
+def _sparsity_metric(layer, mlp_dim):
     if not layer.track_sparsity:
         return None
-    return ActivationSparsity(units, name=f"{layer.name}/nonzero_fraction")
+    return NonzeroFraction(mlp_dim, name=f"{layer.name}/nonzero_fraction")
 
 
 def _recall_metric(layer):
@@ -77,8 +77,8 @@ class TopKActivation(keras.layers.Layer):
         entries, no sort; see `ops.statistical_cutoff`).
       recall_target: float in (0, 1]. Expected recall of `"approx"`.
         Defaults to 0.95.
-      track_sparsity: bool. Whether the layer keeps an `ActivationSparsity`
-        metric of its outputs (`layer.sparsity`) and, when its method
+      track_sparsity: bool. Whether the layer keeps an `NonzeroFraction`
+        metric of its outputs (`layer.nonzero_fraction`) and, when its method
         is approximate here, a `TopKRecall` (`layer.recall`). Defaults to
         True.
       **kwargs: base layer arguments (`name`, `dtype`, ...).
@@ -100,24 +100,24 @@ class TopKActivation(keras.layers.Layer):
         self.method = ops.validate_method(method)
         self.recall_target = ops.validate_recall_target(recall_target)
         self.track_sparsity = bool(track_sparsity)
-        self.sparsity = self.recall = None
+        self.nonzero_fraction = self.recall = None
 
     def build(self, input_shape):
-        units = input_shape[-1] if input_shape else None
-        if units is None:
+        mlp_dim = input_shape[-1] if input_shape else None
+        if mlp_dim is None:
             raise ValueError(
                 f"TopKActivation {self.name!r} needs a known last dimension, "
                 f"got input shape {input_shape}.")
-        ops.validate_k(self.k, units)
-        self.sparsity = _sparsity_metric(self, units)
+        ops.validate_k(self.k, mlp_dim)
+        self.nonzero_fraction = _sparsity_metric(self, mlp_dim)
         self.recall = _recall_metric(self)
 
     def call(self, inputs):
         _check_floating(inputs, self)
         outputs = ops.topk_mask(inputs, self.k, self.method,
                                 self.recall_target)
-        if self.sparsity is not None:
-            self.sparsity.update_state(outputs)
+        if self.nonzero_fraction is not None:
+            self.nonzero_fraction.update_state(outputs)
         if self.recall is not None:
             self.recall.update_state(inputs, outputs)
         return outputs
@@ -140,7 +140,7 @@ class SparseMLP(keras.layers.Layer):
     """Transformer MLP `V · TopK_k(relu(Kᵀx + b₁)) + b₂`, token by token.
 
     Args:
-      hidden_dim: int. Width of the hidden layer (`d_ff`).
+      mlp_dim: int. Width of the hidden layer (T5 calls it `d_ff`).
       k: int or None. Hidden activations kept per token; None keeps all
         (the plain ReLU MLP, the dense baseline). Defaults to None.
       method: str. Top-k method, see `TopKActivation`. Defaults to "auto".
@@ -150,7 +150,7 @@ class SparseMLP(keras.layers.Layer):
         tokens and for training. `"gather"` multiplies only the `k` kept
         rows of the output kernel: fewer FLOPs, faster at small batches.
         `"auto"` (default) gathers when the call's static number of tokens
-        times `k` is at most `GATHER_MAX_SHARE` of `hidden_dim` (decoding,
+        times `k` is at most `GATHER_MAX_SHARE` of `mlp_dim` (decoding,
         small-batch serving) and masks otherwise (unknown token counts
         included), and always masks with `method="statistical"`. All give
         the same outputs for the same weights (with `"statistical"`, while
@@ -160,14 +160,14 @@ class SparseMLP(keras.layers.Layer):
       use_bias: bool. Whether both projections add a bias. Defaults to True.
       kernel_initializer: initializer of both kernels.
       bias_initializer: initializer of both biases.
-      track_sparsity: bool. Whether the layer keeps an `ActivationSparsity`
-        metric of its hidden activations (`layer.sparsity`) and, when its method
+      track_sparsity: bool. Whether the layer keeps an `NonzeroFraction`
+        metric of its hidden activations (`layer.nonzero_fraction`) and, when its method
         is approximate here, a `TopKRecall` (`layer.recall`). Defaults to
         True.
       **kwargs: base layer arguments (`name`, `dtype`, ...).
 
     Example:
-    >>> mlp = SparseMLP(hidden_dim=16, k=4)
+    >>> mlp = SparseMLP(mlp_dim=16, k=4)
     >>> mlp(np.ones((2, 3, 8), "float32")).shape
     (2, 3, 8)
 
@@ -175,15 +175,15 @@ class SparseMLP(keras.layers.Layer):
       - Li et al., The Lazy Neuron Phenomenon, https://arxiv.org/abs/2210.06313
     """
 
-    def __init__(self, hidden_dim, k=None, method="auto", recall_target=0.95,
+    def __init__(self, mlp_dim, k=None, method="auto", recall_target=0.95,
                  implementation="auto", output_dim=None, use_bias=True,
                  kernel_initializer="glorot_uniform",
                  bias_initializer="zeros", track_sparsity=True, **kwargs):
         super().__init__(**kwargs)
-        if isinstance(hidden_dim, bool) or not isinstance(hidden_dim, int) \
-                or hidden_dim <= 0:
+        if isinstance(mlp_dim, bool) or not isinstance(mlp_dim, int) \
+                or mlp_dim <= 0:
             raise ValueError(
-                f"hidden_dim must be a positive int, got {hidden_dim!r}.")
+                f"mlp_dim must be a positive int, got {mlp_dim!r}.")
         if output_dim is not None and (
                 isinstance(output_dim, bool) or not isinstance(output_dim, int)
                 or output_dim <= 0):
@@ -194,8 +194,8 @@ class SparseMLP(keras.layers.Layer):
             raise ValueError(
                 f"Unknown implementation {implementation!r}: choose one of "
                 f"{IMPLEMENTATIONS}.")
-        self.hidden_dim = hidden_dim
-        self.k = None if k is None else ops.validate_k(k, hidden_dim)
+        self.mlp_dim = mlp_dim
+        self.k = None if k is None else ops.validate_k(k, mlp_dim)
         self.method = ops.validate_method(method)
         self.recall_target = ops.validate_recall_target(recall_target)
         self.implementation = implementation
@@ -204,7 +204,7 @@ class SparseMLP(keras.layers.Layer):
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.bias_initializer = keras.initializers.get(bias_initializer)
         self.track_sparsity = bool(track_sparsity)
-        self.sparsity = self.recall = self.scorer = None
+        self.nonzero_fraction = self.recall = self.scorer = None
         self._record = None  # see recording_inputs
 
     def build(self, input_shape):
@@ -216,18 +216,18 @@ class SparseMLP(keras.layers.Layer):
         in_dim = input_shape[-1]
         out_dim = self.output_dim or in_dim
         self.intermediate_kernel = self._weight(
-            "intermediate_kernel", (in_dim, self.hidden_dim),
+            "intermediate_kernel", (in_dim, self.mlp_dim),
             self.kernel_initializer)
         self.output_kernel = self._weight(
-            "output_kernel", (self.hidden_dim, out_dim),
+            "output_kernel", (self.mlp_dim, out_dim),
             self.kernel_initializer)
         self.intermediate_bias = self.output_bias = None
         if self.use_bias:
             self.intermediate_bias = self._weight(
-                "intermediate_bias", (self.hidden_dim,), self.bias_initializer)
+                "intermediate_bias", (self.mlp_dim,), self.bias_initializer)
             self.output_bias = self._weight(
                 "output_bias", (out_dim,), self.bias_initializer)
-        self.sparsity = _sparsity_metric(self, self.hidden_dim)
+        self.nonzero_fraction = _sparsity_metric(self, self.mlp_dim)
         self.recall = _recall_metric(self)
 
     def _weight(self, name, shape, initializer):
@@ -240,7 +240,7 @@ class SparseMLP(keras.layers.Layer):
         `[..., d]`, e.g. from `recording_inputs`) and freezes a copy of
         `W1ᵀ` to rescore `candidates` neurons per token exactly (see
         `topk_sparse.scoring`). Used for calls where tokens x `candidates`
-        is at most `GATHER_MAX_SHARE` of `hidden_dim`; a training call
+        is at most `GATHER_MAX_SHARE` of `mlp_dim`; a training call
         raises (the frozen copy would go stale: `remove_scoring()` first).
         Not saved with the model: calibrate again after loading. Measure
         what it costs in recall with `scoring.measure_two_stage` on held-out
@@ -250,8 +250,8 @@ class SparseMLP(keras.layers.Layer):
         Args:
           inputs: calibration tokens `[..., d]`, thousands.
           rank: int. Rank of the first-stage scorer.
-          candidates: int, `k <= candidates <= hidden_dim`, rescored per
-            token. Defaults to `4 * k` (at most `hidden_dim`).
+          candidates: int, `k <= candidates <= mlp_dim`, rescored per
+            token. Defaults to `4 * k` (at most `mlp_dim`).
         """
         candidates = self.check_scoring(rank, candidates)
         self.scorer = scoring.TwoStageScorer(
@@ -268,12 +268,12 @@ class SparseMLP(keras.layers.Layer):
                 f"layer with k set, got built={self.built}, k={self.k}.")
         scoring.validate_rank(rank, *self.intermediate_kernel.shape)
         if candidates is None:
-            candidates = min(4 * self.k, self.hidden_dim)
+            candidates = min(4 * self.k, self.mlp_dim)
         if isinstance(candidates, bool) or not isinstance(candidates, int) \
-                or not self.k <= candidates <= self.hidden_dim:
+                or not self.k <= candidates <= self.mlp_dim:
             raise ValueError(
-                f"candidates must be an int in [k={self.k}, hidden_dim="
-                f"{self.hidden_dim}], got {candidates!r}.")
+                f"candidates must be an int in [k={self.k}, mlp_dim="
+                f"{self.mlp_dim}], got {candidates!r}.")
         return candidates
 
     def remove_scoring(self):
@@ -307,8 +307,8 @@ class SparseMLP(keras.layers.Layer):
         else:
             activations = ops.topk_mask(hidden, self.k, self.method,
                                         self.recall_target)
-        if self.sparsity is not None:
-            self.sparsity.update_state(activations)
+        if self.nonzero_fraction is not None:
+            self.nonzero_fraction.update_state(activations)
         if self.recall is not None:
             self.recall.update_state(hidden, activations)
         return _project(activations, self.output_kernel, self.output_bias)
@@ -324,10 +324,10 @@ class SparseMLP(keras.layers.Layer):
 
     def _reads_few_rows(self, inputs, rows_per_token):
         """Whether the call's static token count times `rows_per_token` is at
-        most `GATHER_MAX_SHARE` of `hidden_dim`."""
+        most `GATHER_MAX_SHARE` of `mlp_dim`."""
         tokens = inputs.shape[:-1].num_elements()
         return tokens is not None and \
-            tokens * rows_per_token <= GATHER_MAX_SHARE * self.hidden_dim
+            tokens * rows_per_token <= GATHER_MAX_SHARE * self.mlp_dim
 
     def pre_activations(self, inputs):
         """`inputs @ W1 + b1`, the hidden layer before ReLU and Top-k, in
@@ -357,8 +357,8 @@ class SparseMLP(keras.layers.Layer):
         return self._sparse_output(values, indices)
 
     def _sparse_output(self, values, indices):
-        if self.sparsity is not None:
-            self.sparsity.update_from_topk(values, indices)
+        if self.nonzero_fraction is not None:
+            self.nonzero_fraction.update_from_topk(values, indices)
         outputs = ops.sparse_mlp_product(values, indices, self.output_kernel)
         if self.output_bias is not None:
             outputs = outputs + self.output_bias
@@ -370,7 +370,7 @@ class SparseMLP(keras.layers.Layer):
     def get_config(self):
         return {
             **super().get_config(),
-            "hidden_dim": self.hidden_dim,
+            "mlp_dim": self.mlp_dim,
             "k": self.k,
             "method": self.method,
             "recall_target": self.recall_target,

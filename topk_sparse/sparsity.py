@@ -2,7 +2,7 @@
 
 The paper (arXiv 2210.06313, Sec. 2) counts, per token, the share of an MLP's
 hidden activations `relu(Kᵀx)` that are strictly positive, and averages over
-tokens. `ActivationSparsity` accumulates that average over the calls since
+tokens. `NonzeroFraction` accumulates that average over the calls since
 its last reset, together with how often each hidden neuron fired (for dead
 neuron counts) and how many tokens had each number of nonzero activations
 (the per-token distribution). Each `TopKActivation` and `SparseMLP` owns
@@ -20,23 +20,23 @@ import numpy as np
 
 
 @keras.saving.register_keras_serializable(package="topk_sparse")
-class ActivationSparsity(keras.metrics.Metric):
+class NonzeroFraction(keras.metrics.Metric):
     """Running nonzero fraction of a layer's hidden activations.
 
     Args:
-      units: int. Size of the hidden dimension.
+      mlp_dim: int. Size of the hidden dimension.
       name: str. Metric name (the key in `fit` logs).
 
     Example:
-    >>> m = ActivationSparsity(units=4)
+    >>> m = NonzeroFraction(mlp_dim=4)
     >>> m.update_state(np.array([[1.0, 0.0, 0.0, 2.0]], "float32"))
     >>> float(m.result())
     0.5
     """
 
-    def __init__(self, units, name="nonzero_fraction", **kwargs):
+    def __init__(self, mlp_dim, name="nonzero_fraction", **kwargs):
         super().__init__(name=name, **kwargs)
-        self.units = units
+        self.mlp_dim = mlp_dim
         # Replicas' counts add up under tf.distribute.
         self.nonzero_count = self.add_variable(
             shape=(), initializer="zeros", name="nonzero_count",
@@ -45,16 +45,16 @@ class ActivationSparsity(keras.metrics.Metric):
             shape=(), initializer="zeros", name="token_count",
             aggregation="sum")
         self.neuron_fire_count = self.add_variable(
-            shape=(units,), initializer="zeros", name="neuron_fire_count",
+            shape=(mlp_dim,), initializer="zeros", name="neuron_fire_count",
             aggregation="sum")
-        # [c]: tokens with exactly c nonzero activations, c in [0, units].
+        # [c]: tokens with exactly c nonzero activations, c in [0, mlp_dim].
         self.tokens_by_nonzero_count = self.add_variable(
-            shape=(units + 1,), initializer="zeros",
+            shape=(mlp_dim + 1,), initializer="zeros",
             name="tokens_by_nonzero_count", aggregation="sum")
 
     def update_state(self, activations):
-        """Counts the positive entries of `activations` `[..., units]`."""
-        fired = ops.reshape(activations, (-1, self.units)) > 0
+        """Counts the positive entries of `activations` `[..., mlp_dim]`."""
+        fired = ops.reshape(activations, (-1, self.mlp_dim)) > 0
         self._accumulate(ops.sum(ops.cast(fired, self.dtype), axis=0),
                          ops.sum(ops.cast(fired, "int32"), axis=1))
 
@@ -64,12 +64,12 @@ class ActivationSparsity(keras.metrics.Metric):
         fired = ops.reshape(values, (-1, k)) > 0
         per_neuron = ops.segment_sum(
             ops.reshape(ops.cast(fired, self.dtype), (-1,)),
-            ops.reshape(indices, (-1,)), num_segments=self.units)
+            ops.reshape(indices, (-1,)), num_segments=self.mlp_dim)
         self._accumulate(per_neuron,
                          ops.sum(ops.cast(fired, "int32"), axis=1))
 
     def _accumulate(self, per_neuron, per_token):
-        """`per_neuron`: fire counts `[units]`; `per_token`: int32 nonzero
+        """`per_neuron`: fire counts `[mlp_dim]`; `per_token`: int32 nonzero
         counts `[tokens]`. Counts are float32 sums: exact up to 2^24 tokens
         between resets."""
         self.neuron_fire_count.assign_add(per_neuron)
@@ -78,11 +78,11 @@ class ActivationSparsity(keras.metrics.Metric):
             ops.cast(ops.shape(per_token)[0], self.dtype))
         self.tokens_by_nonzero_count.assign_add(ops.segment_sum(
             ops.ones_like(per_token, dtype=self.dtype), per_token,
-            num_segments=self.units + 1))
+            num_segments=self.mlp_dim + 1))
 
     def result(self):
         return ops.divide_no_nan(self.nonzero_count,
-                                 self.token_count * self.units)
+                                 self.token_count * self.mlp_dim)
 
     def dead_fraction(self):
         """Share of neurons that never fired since the last reset."""
@@ -90,14 +90,14 @@ class ActivationSparsity(keras.metrics.Metric):
 
     def token_nonzero_fractions(self):
         """`(fractions, tokens)`: the per-token nonzero fractions seen since
-        the last reset, `c / units` for every count `c` that occurred, and
+        the last reset, `c / mlp_dim` for every count `c` that occurred, and
         how many tokens had each (numpy, summed over replicas)."""
         histogram = np.asarray(self.tokens_by_nonzero_count.numpy())
         nonzero_counts = np.flatnonzero(histogram)
-        return nonzero_counts / self.units, histogram[nonzero_counts]
+        return nonzero_counts / self.mlp_dim, histogram[nonzero_counts]
 
     def get_config(self):
-        return {**super().get_config(), "units": self.units}
+        return {**super().get_config(), "mlp_dim": self.mlp_dim}
 
 
 @keras.saving.register_keras_serializable(package="topk_sparse")

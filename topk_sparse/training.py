@@ -171,9 +171,9 @@ def train(config, workdir, strategy=None):
         keras.mixed_precision.set_global_policy(previous_policy)
 
     # === Report ===
-    sparsity = {path: mlp.sparsity
+    sparsity = {path: mlp.nonzero_fraction
                 for path, mlp in model.sparse_mlps().items()
-                if mlp.sparsity is not None}
+                if mlp.nonzero_fraction is not None}
     nonzero = {path: float(m.result()) for path, m in sparsity.items()}
     report = {
         "model": config.model.name,

@@ -185,7 +185,7 @@ class T5(keras.Model):
       depth: int. Blocks in the encoder and in the decoder. Overrides the
         variant's.
       num_heads: int. Attention heads. Overrides the variant's.
-      mlp_dim: int. `d_ff`. Overrides the variant's.
+      mlp_dim: int. MLP hidden width (T5 calls it `d_ff`). Overrides the variant's.
       k: int or None. MLP activations kept per token; None is the dense T5.
         Defaults to None.
       method: str. Top-k method, see `topk_sparse.TopKActivation`.

@@ -142,7 +142,7 @@ class TransformerBlock(keras.layers.Layer):
 
     Args:
       num_heads: int. Attention heads; must divide the input width.
-      mlp_dim: int. Hidden width of the MLP (`d_ff`).
+      mlp_dim: int. Hidden width of the MLP (T5 calls it `d_ff`).
       k: int or None. MLP activations kept per token; None is the dense ReLU
         MLP. Defaults to None.
       method: str. Top-k method, one of `topk_sparse.ops.METHODS`, see
@@ -209,7 +209,7 @@ class TransformerBlock(keras.layers.Layer):
         # Made here, not in build(), so that bad MLP arguments (k > mlp_dim,
         # an unknown method) fail when the block is made.
         self.mlp = SparseMLP(
-            hidden_dim=mlp_dim, k=k, method=method,
+            mlp_dim=mlp_dim, k=k, method=method,
             recall_target=recall_target, implementation=implementation,
             use_bias=use_bias, name=f"{self.name}_mlp",
             dtype=self.dtype_policy)
