@@ -5,6 +5,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from hypothesis import given, settings, strategies as st
+from matplotlib import pyplot
+from sklearn.metrics import log_loss
 
 # Importing it configures two logical CPUs before TensorFlow starts (if
 # conftest.py has not already); its one shared MirroredStrategy avoids the
@@ -14,6 +16,7 @@ from topk_sparse.calibration import (
     BrierScore,
     ExpectedCalibrationError,
     NegativeLogLikelihood,
+    _reliability_summary,
     reliability_diagram_image,
 )
 
@@ -41,9 +44,20 @@ def expected_calibration_error_numpy(probs, labels, num_bins=15, weights=None):
     return ece
 
 
-def nll_numpy(probs, labels, weights=None):
-    p_true = np.asarray(probs, np.float64)[np.arange(len(labels)), labels]
-    return np.average(-np.log(np.clip(p_true, 1e-7, 1.0)), weights=weights)
+def nll_sklearn(probs, labels, weights=None):
+    """scikit-learn's log loss of the float32 probabilities the metric sees."""
+    probs = np.asarray(probs, np.float32)
+    return log_loss(labels, probs, labels=np.arange(probs.shape[-1]),
+                    sample_weight=weights)
+
+
+def nll_log_softmax(logits, labels, weights=None):
+    """The exact NLL, log_softmax in float64."""
+    logits = np.asarray(logits, np.float64)
+    shifted = logits - logits.max(-1, keepdims=True)
+    log_probs = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+    return np.average(-log_probs[np.arange(len(labels)), labels],
+                      weights=weights)
 
 
 def brier_numpy(probs, labels, weights=None):
@@ -141,7 +155,7 @@ def test_nll_and_brier_match_numpy(seed):
     _, probs, labels = random_case(seed, batch=17, classes=5)
     weights = np.random.default_rng(seed).uniform(0, 2, 17)
     for metric, reference in [
-        (NegativeLogLikelihood(), nll_numpy),
+        (NegativeLogLikelihood(), nll_sklearn),
         (BrierScore(), brier_numpy),
     ]:
         np.testing.assert_allclose(
@@ -156,14 +170,64 @@ def test_nll_and_brier_match_numpy(seed):
         )
 
 
-def test_nll_clips_zero_probability_and_brier_extremes():
+# Saturated: four certain and right, one certain and wrong by a logit margin
+# of 115, whose softmax probability (e^-115) is 0 in float32.
+SATURATED_LOGITS = np.float32([[0, 40], [40, 0], [0, 40], [40, 0], [115, 0]])
+SATURATED_LABELS = np.array([1, 0, 1, 0, 1])
+
+
+@pytest.mark.parametrize("case", ["random", "saturated"])
+def test_nll_from_probabilities_is_sklearn_log_loss(case):
+    if case == "random":
+        _, probs, labels = random_case(9, batch=40, classes=5,
+                                       temperature=0.1)
+    else:
+        labels = SATURATED_LABELS
+        probs = np.asarray(keras.ops.softmax(SATURATED_LOGITS), np.float32)
+    weights = np.random.default_rng(9).uniform(0, 2, len(labels))
+    for w in (None, weights):
+        np.testing.assert_allclose(
+            evaluate(NegativeLogLikelihood(), labels, probs, w),
+            nll_sklearn(probs, labels, w), rtol=1e-6,
+        )
+
+
+@pytest.mark.parametrize("case", ["random", "saturated"])
+def test_nll_from_logits_is_exact_log_softmax(case):
+    if case == "random":
+        logits, _, labels = random_case(10, batch=40, classes=5,
+                                        temperature=0.1)
+    else:
+        logits, labels = SATURATED_LOGITS, SATURATED_LABELS
+    weights = np.random.default_rng(10).uniform(0, 2, len(labels))
+    for w in (None, weights):
+        np.testing.assert_allclose(
+            evaluate(NegativeLogLikelihood(from_logits=True), labels, logits,
+                     w),
+            nll_log_softmax(logits, labels, w), rtol=1e-6,
+        )
+
+
+def test_nll_saturated_forms_differ_as_documented():
+    probs = np.asarray(keras.ops.softmax(SATURATED_LOGITS), np.float32)
+    assert probs[-1, 1] == 0.0
+    from_logits = evaluate(NegativeLogLikelihood(from_logits=True),
+                           SATURATED_LABELS, SATURATED_LOGITS)
+    from_probs = evaluate(NegativeLogLikelihood(), SATURATED_LABELS, probs)
+    # Logits: the mistake costs its margin, 115 nats (the others ~e^-40).
+    assert from_logits == pytest.approx(115 / 5, rel=1e-6)
+    # Probabilities: clipped to [eps, 1 - eps], eps = 2**-23, as sklearn:
+    # -log(eps) for the mistake, -log(1 - eps) for each certain right one.
+    eps = 2.0 ** -23
+    want = (-np.log(eps) - 4 * np.log1p(-eps)) / 5
+    assert from_probs == pytest.approx(want, rel=1e-6)
+    assert want == pytest.approx(3.1885, abs=1e-4)
+
+
+def test_brier_extremes():
     probs = np.float32([[1.0, 0.0], [1.0, 0.0]])
-    labels = [0, 1]
-    nll = evaluate(NegativeLogLikelihood(), labels, probs)
-    assert np.isfinite(nll)
-    assert nll == pytest.approx(-np.log(1e-7) / 2, rel=1e-4)
     # Right and certain: 0; wrong and certain: 2.
-    assert evaluate(BrierScore(), labels, probs) == pytest.approx(1.0)
+    assert evaluate(BrierScore(), [0, 1], probs) == pytest.approx(1.0)
 
 
 # -------------------------------------------------------- shared behaviour
@@ -285,7 +349,7 @@ def test_invalid_shapes(metric_class):
 
 
 # ------------------------------------------------- reliability diagram image
-def test_reliability_diagram_image():
+def _calibrated_and_overconfident():
     calibrated = ExpectedCalibrationError(num_bins=10)
     probs, labels = [], []
     for c in (0.6, 0.7, 0.8, 0.9):
@@ -294,21 +358,83 @@ def test_reliability_diagram_image():
     calibrated.update_state(labels, np.float32(probs))
     overconfident = ExpectedCalibrationError(num_bins=10)
     overconfident.update_state(np.ones(len(probs), int), np.float32(probs))
+    return (calibrated.reliability_diagram(),
+            overconfident.reliability_diagram())
 
-    good = reliability_diagram_image(calibrated.reliability_diagram())
-    bad = reliability_diagram_image(overconfident.reliability_diagram(), 64)
-    assert good.shape == (1, 128, 128, 3) and good.dtype == np.uint8
-    assert bad.shape == (1, 64, 64, 3) and bad.dtype == np.uint8
-    red = np.array([228, 90, 80], np.uint8)
-    # Calibrated: bars reach the diagonal, (almost) no red gap. Overconfident:
-    # accuracy 0, so the gap fills each used bin up to its confidence.
-    good_red = np.all(good[0] == red, axis=-1).mean()
-    bad_red = np.all(bad[0] == red, axis=-1).mean()
-    assert good_red < 0.01 and bad_red > 0.2
-    empty_diagram = ExpectedCalibrationError().reliability_diagram()
-    empty = reliability_diagram_image(empty_diagram, 32)
-    assert set(map(tuple, empty[0].reshape(-1, 3))) == {(255, 255, 255),
-                                                        (0, 0, 0)}
+
+def test_reliability_summary_hand_computed():
+    # The case of test_ece_hand_computed: 4 bins, 2 and 3 samples in the top
+    # two, top-1 right for 0.9, 0.6 and 0.7.
+    probs = np.float32(
+        [[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.3, 0.7], [1.0, 0.0]]
+    )
+    metric = ExpectedCalibrationError(num_bins=4)
+    metric.update_state([0, 0, 0, 1, 1], probs)
+    summary = _reliability_summary(metric.reliability_diagram())
+    assert summary["total"] == 5
+    np.testing.assert_allclose(summary["share"], [0, 0, 0.4, 0.6])
+    np.testing.assert_array_equal(summary["filled"], [0, 0, 1, 1])
+    np.testing.assert_allclose(summary["gap"], [0, 0, 0.65 - 1, 0.9 - 1 / 3],
+                               atol=1e-6)
+    assert summary["expected_calibration_error"] == pytest.approx(
+        float(metric.result()), abs=1e-6)
+    assert summary["accuracy"] == pytest.approx(3 / 5, abs=1e-6)
+    assert summary["confidence"] == pytest.approx(0.8, abs=1e-6)
+
+
+def test_reliability_summary_empty_is_zero():
+    summary = _reliability_summary(
+        ExpectedCalibrationError().reliability_diagram())
+    assert summary["total"] == 0 and not summary["filled"].any()
+    for name in ("share", "gap", "expected_calibration_error", "confidence",
+                 "accuracy"):
+        np.testing.assert_array_equal(summary[name], 0, err_msg=name)
+
+
+def test_reliability_diagram_image_shape_and_no_pyplot_figures():
+    calibrated, _ = _calibrated_and_overconfident()
+    # As CalibrationCallback calls it: the diagram alone.
+    image = reliability_diagram_image(calibrated)
+    assert image.shape == (1, 600, 480, 3) and image.dtype == np.uint8
+    small = reliability_diagram_image(calibrated, title="epoch 3", dpi=50)
+    assert small.shape == (1, 300, 240, 3) and small.dtype == np.uint8
+    empty = reliability_diagram_image(
+        ExpectedCalibrationError().reliability_diagram())
+    assert empty.shape == (1, 600, 480, 3)
+    assert pyplot.get_fignums() == []
+    # Valid for tf.summary.image.
+    assert tf.io.decode_png(tf.io.encode_png(image[0])).shape == (600, 480, 3)
+
+
+def _reddish(image):
+    r, g, b = (image[0, ..., i].astype(int) for i in range(3))
+    return (r - np.maximum(g, b) > 40).mean()
+
+
+def test_reliability_diagram_image_shows_the_gap():
+    calibrated, overconfident = _calibrated_and_overconfident()
+    # Calibrated: bars reach the diagonal, only the legend's "Gap" patch is
+    # red. Overconfident (accuracy 0): red gaps fill the used bins.
+    assert _reddish(reliability_diagram_image(calibrated)) < 0.005
+    assert _reddish(reliability_diagram_image(overconfident)) > 0.05
+
+
+def test_reliability_diagram_histogram_bars_follow_bin_shares():
+    # One sample at confidence 0.65 (bin [0.6, 0.8)), three at 0.9 (bin
+    # [0.8, 1]): the histogram's bars are 25% and 75% high.
+    metric = ExpectedCalibrationError(num_bins=5)
+    metric.update_state([0, 0, 0, 0],
+                        np.float32([[0.65, 0.35]] + [[0.9, 0.1]] * 3))
+    image = reliability_diagram_image(metric.reliability_diagram())[0]
+    # Pixels of the histogram bars' face colour (#7d93b5), per column.
+    bar_pixels = np.all(image == (0x7D, 0x93, 0xB5), axis=-1).sum(0)
+    columns = np.flatnonzero(bar_pixels)
+    # Two bars of equal width side by side: split the columns in the middle.
+    middle = (columns[0] + columns[-1]) / 2
+    left = bar_pixels[columns[columns < middle]].max()
+    right = bar_pixels[columns[columns > middle]].max()
+    assert left > 20
+    assert right / left == pytest.approx(3, rel=0.06)
 
 
 # ------------------------------------------------------------- inside Keras
@@ -346,7 +472,7 @@ def test_compile_fit_evaluate_jit():
     want = {
         "expected_calibration_error": expected_calibration_error_numpy(
             probs, y, num_bins=5),
-        "negative_log_likelihood": nll_numpy(probs, y),
+        "negative_log_likelihood": nll_sklearn(probs, y),
         "brier_score": brier_numpy(probs, y),
     }
     for name, value in want.items():

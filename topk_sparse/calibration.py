@@ -11,7 +11,8 @@ provides three, usable in `model.compile(metrics=[...])`, inside a
   Binning") in the form of Guo et al. 2017 (arXiv 1706.04599, eq. 3), over the
   top-1 confidence. `reliability_diagram_image` draws its reliability diagram
   (Guo et al. Figure 1) for `tf.summary.image`.
-- `NegativeLogLikelihood`: mean cross-entropy of the true class.
+- `NegativeLogLikelihood`: mean cross-entropy of the true class; exact from
+  logits, scikit-learn's `log_loss` convention from probabilities.
 - `BrierScore`: the multi-class Brier score (Brier 1950), summed over classes
   and averaged over samples, as in Ovadia et al. 2019 (arXiv 1906.02530).
 
@@ -38,8 +39,12 @@ import keras
 import numpy as np
 from keras import ops
 
-# Keeps log() finite for a true-class probability of 0 (Keras' own epsilon).
-_EPSILON = 1e-7
+from topk_sparse import checks
+
+# NegativeLogLikelihood clips probabilities to [eps, 1 - eps] with float32's
+# machine epsilon (2**-23, about 1.19e-7): scikit-learn's `log_loss` clips
+# with `np.finfo(y_proba.dtype).eps`, and the metric computes in float32.
+_EPSILON = float(np.finfo(np.float32).eps)
 
 
 class _CalibrationMetric(keras.metrics.Metric):
@@ -135,13 +140,7 @@ class ExpectedCalibrationError(_CalibrationMetric):
         name="expected_calibration_error",
         **kwargs,
     ):
-        if isinstance(num_bins, bool) or not isinstance(
-            num_bins, (int, np.integer)
-        ) or num_bins < 1:
-            raise ValueError(
-                "`num_bins` must be a positive int. "
-                f"Received: num_bins={num_bins!r}"
-            )
+        num_bins = checks.positive_int(num_bins, "num_bins")
         super().__init__(from_logits=from_logits, name=name, **kwargs)
         self.num_bins = int(num_bins)
         self.bin_count = self._sum_variable("bin_count", (self.num_bins,))
@@ -211,48 +210,129 @@ class ExpectedCalibrationError(_CalibrationMetric):
         return {**super().get_config(), "num_bins": self.num_bins}
 
 
-def reliability_diagram_image(diagram, size=128):
+def _reliability_summary(diagram):
+    """The numbers `reliability_diagram_image` draws, from the bin sums.
+
+    Returns:
+        A dict with `"total"` (summed sample weight), per bin `"share"`
+        (share of the samples), `"filled"` (whether a bin holds any) and
+        `"gap"` (mean confidence minus accuracy), and over all samples
+        `"expected_calibration_error"`, `"confidence"` (mean top-1
+        confidence) and `"accuracy"` (top-1); all 0 with no samples.
+    """
+    count = np.asarray(diagram["count"], np.float64)
+    confidence = np.asarray(diagram["confidence"], np.float64)
+    accuracy = np.asarray(diagram["accuracy"], np.float64)
+    total = count.sum()
+    share = count / total if total > 0 else np.zeros_like(count)
+    return {
+        "total": total,
+        "share": share,
+        "filled": count > 0,
+        "gap": confidence - accuracy,
+        "expected_calibration_error": np.sum(
+            share * np.abs(confidence - accuracy)),
+        "confidence": np.sum(share * confidence),
+        "accuracy": np.sum(share * accuracy),
+    }
+
+
+def reliability_diagram_image(diagram, title=None, dpi=100):
     """Draws a reliability diagram as an RGB image for `tf.summary.image`.
 
-    Each non-empty bin is a blue bar as high as its accuracy; the gap up or
-    down to its mean confidence is red (Guo et al. 2017, Figure 1), and the
-    black diagonal is perfect calibration. Axes run from 0 to 1, confidence
-    to the right and accuracy up; there are no labels (numpy only).
+    As in Guo et al. 2017, Figure 1. Top: per confidence bin, a blue
+    "Outputs" bar as high as the bin's accuracy, a red hatched "Gap" bar
+    from there to the bin's mean confidence (the quantity the ECE averages),
+    and the dashed diagonal of perfect calibration; the ECE in % is in the
+    title. Bottom: the confidence histogram, the share of samples in each
+    bin (summed sample weight), with dashed lines at the overall accuracy
+    and mean confidence; an overconfident model has its accuracy line left
+    of its confidence line. Empty bins draw no bar.
+
+    Drawn with matplotlib's Agg canvas on a `Figure` that pyplot never sees:
+    no display, no pyplot figure to close, nothing kept after the call.
+    About 0.2 s per image (0.17-0.29 s measured on a shared 2-core CPU).
 
     Args:
         diagram: dict. The output of
             `ExpectedCalibrationError.reliability_diagram()`.
-        size: int. Height and width of the image in pixels. Defaults to 128.
+        title: str or None. A line above the plots (e.g. model and epoch).
+            Defaults to `None`, no line.
+        dpi: int. Pixels per inch of the 4.8 x 6 inch figure. Defaults to
+            100: a 480 x 600 image.
 
     Returns:
-        A `np.uint8` array of shape `[1, size, size, 3]`.
+        A `np.uint8` array of shape `[1, height, width, 3]`.
 
     Example:
 
     >>> ece = ExpectedCalibrationError(num_bins=10)
     >>> ece.update_state([0, 1], [[0.9, 0.1], [0.3, 0.7]])
     >>> reliability_diagram_image(ece.reliability_diagram()).shape
-    (1, 128, 128, 3)
+    (1, 600, 480, 3)
+
+    References:
+        - [Guo et al., 2017](https://arxiv.org/abs/1706.04599)
     """
+    # Imported here: matplotlib adds 0.8 s (measured) to `import topk_sparse`
+    # for a function only callbacks call.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
+
+    summary = _reliability_summary(diagram)
     edges = np.asarray(diagram["bin_edges"], np.float64)
-    count = np.asarray(diagram["count"], np.float64)
     accuracy = np.asarray(diagram["accuracy"], np.float64)
-    confidence = np.asarray(diagram["confidence"], np.float64)
-    # Pixel centres: x = confidence axis, y = accuracy axis (row 0 is top).
-    x = (np.arange(size) + 0.5) / size
-    y = 1.0 - (np.arange(size) + 0.5) / size
-    column_bin = np.clip(np.searchsorted(edges, x, side="right") - 1,
-                         0, len(count) - 1)
-    filled = count[column_bin] > 0
-    acc = np.where(filled, accuracy[column_bin], 0.0)[None, :]
-    conf = np.where(filled, confidence[column_bin], 0.0)[None, :]
-    yy = y[:, None]
-    image = np.full((size, size, 3), 255, np.uint8)
-    image[(yy < acc) & filled] = (66, 114, 196)  # accuracy bar
-    gap = (yy >= np.minimum(acc, conf)) & (yy < np.maximum(acc, conf))
-    image[gap & filled] = (228, 90, 80)  # calibration gap
-    image[np.abs(yy - x[None, :]) < 1.0 / size] = (0, 0, 0)  # diagonal
-    return image[None]
+    filled = summary["filled"]
+    centers = ((edges[:-1] + edges[1:]) / 2)[filled]
+    width = np.diff(edges)[filled]
+
+    figure = Figure(figsize=(4.8, 6.0), dpi=dpi, layout="constrained")
+    FigureCanvasAgg(figure)
+    if title:
+        figure.suptitle(title)
+    diagram_axes, histogram_axes = figure.subplots(
+        2, 1, gridspec_kw={"height_ratios": [2.2, 1]})
+
+    outputs = {"facecolor": "#3b6fb6", "edgecolor": "black",
+               "linewidth": 0.6, "label": "Outputs"}
+    gap = {"facecolor": (0.9, 0.2, 0.2, 0.25), "edgecolor": (0.8, 0.1, 0.1),
+           "hatch": "//", "linewidth": 0.6, "label": "Gap"}
+    diagram_axes.bar(centers, accuracy[filled], width, **outputs)
+    # Drawn over the outputs: an underconfident bin's gap hatches its top.
+    diagram_axes.bar(centers, summary["gap"][filled], width,
+                     bottom=accuracy[filled], **gap)
+    (diagonal,) = diagram_axes.plot([0, 1], [0, 1], "--", color="0.3",
+                                    linewidth=1, label="Perfect calibration")
+    diagram_axes.set(xlim=(0, 1), ylim=(0, 1), xlabel="Confidence",
+                     ylabel="Accuracy")
+    diagram_axes.set_title(
+        f"ECE = {100 * summary['expected_calibration_error']:.2f}% "
+        f"({len(edges) - 1} bins)")
+    # Patches, not the bars: with no samples there are no bars to copy.
+    diagram_axes.legend(handles=[diagonal, Patch(**outputs), Patch(**gap)],
+                        loc="upper left")
+
+    histogram_axes.bar(centers, 100 * summary["share"][filled], width,
+                       color="#7d93b5", edgecolor="black", linewidth=0.6)
+    if summary["total"] > 0:
+        histogram_axes.axvline(summary["accuracy"], color="#2a9d3c",
+                               linestyle="--", linewidth=1.5,
+                               label=f"Accuracy ({summary['accuracy']:.3f})")
+        histogram_axes.axvline(summary["confidence"], color="#d17a00",
+                               linestyle="--", linewidth=1.5,
+                               label="Avg. confidence "
+                                     f"({summary['confidence']:.3f})")
+        histogram_axes.legend(loc="upper left", fontsize="small")
+    histogram_axes.set(xlim=(0, 1), xlabel="Confidence",
+                       ylabel="% of samples",
+                       title=f"Confidence histogram, "
+                             f"N = {summary['total']:,.6g}")
+    histogram_axes.set_ylim(0, None if summary["total"] > 0 else 100)
+
+    figure.canvas.draw()
+    image = np.asarray(figure.canvas.buffer_rgba())[..., :3]
+    return np.ascontiguousarray(image)[None]
 
 
 class _SampleMean(_CalibrationMetric):
@@ -279,11 +359,29 @@ class _SampleMean(_CalibrationMetric):
 
 @keras.saving.register_keras_serializable(package="topk_sparse")
 class NegativeLogLikelihood(_SampleMean):
-    """Mean negative log-likelihood (cross-entropy) of the true class.
+    """Mean negative log-likelihood (cross-entropy) of the true class, in nats.
 
-    Probabilities are clipped to `[1e-7, 1]` so a confident mistake costs
-    about 16.1 nats instead of infinity; with `from_logits=True` the exact
-    `log_softmax` is used.
+    The two input forms follow two conventions:
+
+    - Probabilities (`from_logits=False`): scikit-learn's `log_loss`. Each
+      probability is clipped to `[eps, 1 - eps]` with float32's machine
+      epsilon `eps = 2**-23` (about 1.19e-7), and is not renormalized. The
+      result equals `sklearn.metrics.log_loss(y, p)` on the float32 `p` the
+      metric sees (sklearn's `eps` is that of its input's dtype: on float64
+      input it clips at 2.2e-16 instead). A sample thus costs at most
+      `-log(eps)`, about 15.94 nats, and a certain right answer costs
+      `-log(1 - eps)`, about 1.2e-7 nats, not 0.
+    - Logits (`from_logits=True`): the exact NLL, `logsumexp(z) - z_y` by
+      `log_softmax` in float32, with no clipping.
+
+    They agree, to float32 rounding, while every true-class probability
+    lies in `[eps, 1 - eps]`. They differ for saturated predictions: float32
+    holds no probability below about 1e-45 (1e-38 where denormals are
+    flushed; a softmax returns 0), and one below `eps` is clipped, so a
+    confident mistake that costs 23 or 200 nats from its logits costs 15.94
+    nats from its probabilities. The probabilities no longer hold the
+    information, so no epsilon recovers it: report NLL from logits where the
+    model has them, and name the form when comparing numbers.
 
     Args:
         from_logits: bool. Whether `y_pred` holds logits rather than
@@ -297,9 +395,19 @@ class NegativeLogLikelihood(_SampleMean):
     >>> nll.update_state([0, 1], [[0.5, 0.5], [0.5, 0.5]])
     >>> round(float(nll.result()), 4)  # log 2
     0.6931
+    >>> logits = np.float32([[0.0, 30.0]])  # sure of class 1; label 0
+    >>> exact = NegativeLogLikelihood(from_logits=True)
+    >>> exact.update_state([0], logits)
+    >>> round(float(exact.result()), 2)
+    30.0
+    >>> clipped = NegativeLogLikelihood()
+    >>> clipped.update_state([0], keras.ops.softmax(logits))
+    >>> round(float(clipped.result()), 2)  # -log(2**-23), as sklearn
+    15.94
 
     References:
         - [Guo et al., 2017](https://arxiv.org/abs/1706.04599)
+        - [scikit-learn `log_loss`](https://scikit-learn.org/stable/modules/generated/sklearn.metrics.log_loss.html)
     """
 
     def __init__(self, from_logits=False, name="negative_log_likelihood",
@@ -310,7 +418,7 @@ class NegativeLogLikelihood(_SampleMean):
         if self.from_logits:
             log_probs = ops.log_softmax(y_pred, axis=-1)
         else:
-            log_probs = ops.log(ops.clip(y_pred, _EPSILON, 1.0))
+            log_probs = ops.log(ops.clip(y_pred, _EPSILON, 1.0 - _EPSILON))
         return -ops.sum(
             log_probs * ops.one_hot(labels, y_pred.shape[-1], dtype="float32"),
             axis=-1,
