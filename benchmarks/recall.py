@@ -11,7 +11,7 @@ Recall counts the positive entries of the exact top-k that a method keeps.
 
 Rows come from two sources:
 - random: iid standard normal rows, `--rows` x `--n`; for two-stage
-  scoring, iid normal inputs of width `--d` through a random MLP (inputs
+  scoring, iid normal inputs of width `--width` through a random MLP (inputs
   that fill every direction: the worst case of a low-rank first stage);
 - trained: the MLPs of a trained model on its test split (two-stage scorers
   calibrated on the train split), from a trainer's workdir (`--workdir`,
@@ -43,7 +43,7 @@ import tensorflow as tf  # noqa: E402
 
 from topk_mlp import print_table  # noqa: E402
 from topk_sparse import data, models, ops, scoring, training  # noqa: E402, F401
-from topk_sparse.layers import SparseMLP, recording_inputs  # noqa: E402
+from topk_sparse.layers import SparseMLP  # noqa: E402
 
 
 def recall(x, k, method, recall_target):
@@ -88,12 +88,12 @@ def two_stage_table(source, mlp, calibration, held_out, ranks, candidates):
     d = held_out.shape[-1]
     for rank in [r for r in ranks if r <= min(d, mlp.mlp_dim)]:
         for count in [c for c in candidates if mlp.k <= c <= mlp.mlp_dim]:
-            mlp.calibrate_scoring(calibration, rank, count)
+            scoring.calibrate_mlp(mlp, calibration, rank, count)
             quality = scoring.measure_two_stage(mlp, held_out)
             out.append({"source": source, "d": d, "n": mlp.mlp_dim,
                         "k": mlp.k, "rank": rank, "candidates": count,
                         **quality})
-    mlp.remove_scoring()
+    mlp.scorer = None
     return out
 
 
@@ -102,7 +102,7 @@ def recorded_inputs(model, config, split):
     dataset, _ = data.load(config.data, split, config.eval.batch_size,
                            train=False, seed=config.seed)
     mlps = model.sparse_mlps()
-    with recording_inputs(mlps) as records:
+    with scoring.recording_inputs(mlps) as records:
         for batch in dataset:
             model(batch[0], training=False)
     return {name: tf.concat(parts, 0) for name, parts in records.items()}
@@ -133,10 +133,10 @@ def trained_tables(workdir, args):
 
 def random_two_stage(args):
     out = []
-    x = tf.random.stateless_normal([2 * args.rows, args.d], seed=[0, 2])
+    x = tf.random.stateless_normal([2 * args.rows, args.width], seed=[0, 2])
     for k in args.k:
-        mlp = SparseMLP(args.n, k=k, bias_initializer="random_normal")
-        mlp.build((None, args.d))
+        mlp = SparseMLP(args.mlp_dim, k=k, bias_initializer="random_normal")
+        mlp.build((None, args.width))
         out += two_stage_table("random", mlp, x[:args.rows], x[args.rows:],
                                args.ranks, args.candidates)
     return out
@@ -159,12 +159,12 @@ def train_wide_vit(workdir):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=3072)
+    parser.add_argument("--mlp_dim", type=int, default=3072)
     parser.add_argument("--rows", type=int, default=2048)
     parser.add_argument("--k", type=int, nargs="+", default=[32, 64, 256])
     parser.add_argument("--recall_targets", type=float, nargs="+",
                         default=[0.9, 0.95, 0.99])
-    parser.add_argument("--d", type=int, default=768,
+    parser.add_argument("--width", type=int, default=768,
                         help="input width of the random two-stage rows")
     parser.add_argument("--ranks", type=int, nargs="+", default=[32, 64, 128],
                         help="two-stage scoring: first-stage ranks")
@@ -176,7 +176,8 @@ def main():
     parser.add_argument("--json", default="benchmarks/recall.json")
     args = parser.parse_args()
 
-    random_rows = tf.random.stateless_normal([args.rows, args.n], seed=[0, 1])
+    random_rows = tf.random.stateless_normal([args.rows, args.mlp_dim],
+                                            seed=[0, 1])
     rows = table("random", random_rows, args.k, args.recall_targets)
     two_stage = random_two_stage(args)
     with tempfile.TemporaryDirectory() as tmp:

@@ -7,7 +7,7 @@ Prints two tables and writes them as JSON:
   (each its own weights, as in a model, so that they are read from memory,
   not from the cache) of the masked path, the gathered path
   (`implementation="gather"`) and the gathered path with two-stage scoring
-  (`SparseMLP.calibrate_scoring`, calibrated on random inputs: its speed
+  (`scoring.calibrate_mlp`, calibrated on random inputs: its speed
   here, its recall in benchmarks/recall.py) over the dense MLP, at several
   batch sizes (tokens per call). Where the gathered path stops paying is
   `implementation="auto"`'s switch point,
@@ -34,7 +34,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from topk_sparse import SparseMLP  # noqa: E402
+from topk_sparse import SparseMLP, scoring  # noqa: E402
 
 # Each case is its own tf.function by design: silence the retracing warning.
 tf.get_logger().setLevel("ERROR")
@@ -127,8 +127,8 @@ def inference_table(args):
     for i, reference in enumerate(dense):
         for layers in paths.values():
             layers[i].set_weights(reference.get_weights())
-        paths["two-stage"][i].calibrate_scoring(
-            calibration, args.rank, args.candidates)
+        scoring.calibrate_mlp(paths["two-stage"][i], calibration, args.rank,
+                              args.candidates)
     rows = []
     for batch in args.batches:
         x = tf.random.stateless_normal([batch, args.width], seed=[1, batch])

@@ -14,11 +14,12 @@ import types
 import ml_collections
 from ml_collections import config_dict
 
-# The input corruptions of topk_sparse.data.corruptions (CIFAR-10-C's
-# noise, blur and digital families), for `config.eval.corruptions`.
-CORRUPTIONS = ("gaussian_noise", "shot_noise", "impulse_noise",
-               "speckle_noise", "defocus_blur", "gaussian_blur", "contrast",
-               "brightness", "jpeg_compression", "pixelate")
+from topk_sparse.data import corruptions
+
+# Every input corruption computed on the fly
+# (`topk_sparse.data.corruptions.CORRUPTIONS`: CIFAR-10-C's noise, blur and
+# digital families), for `config.eval.corruptions`.
+CORRUPTIONS = tuple(corruptions.CORRUPTIONS)
 
 
 def parse_arg(arg, **defaults):

@@ -16,11 +16,17 @@ from tests.devices import mirrored_strategy
 
 _BATCH = 4
 
+VOCAB_SIZE = 11
+"""Integer inputs are token ids in `[0, VOCAB_SIZE)`."""
 
-def _model(layer_cls, init_kwargs, input_shape, dtype=None):
+
+def _model(layer_cls, init_kwargs, input_shape, dtype=None,
+           input_dtype="float32", features=None):
     """A tiny functional classifier around the layer under test."""
-    inputs = keras.Input(input_shape)
+    inputs = keras.Input(input_shape, dtype=input_dtype)
     hidden = layer_cls(**init_kwargs, name="under_test", dtype=dtype)(inputs)
+    if features is not None:
+        hidden = features(hidden, inputs)
     pooled = keras.layers.Flatten()(hidden)
     outputs = keras.layers.Dense(3, dtype=dtype)(pooled)
     return keras.Model(inputs, outputs)
@@ -35,16 +41,31 @@ def _compile(model, jit_compile=False):
     return model
 
 
-def _data(input_shape, n=10, seed=0):
+def _data(input_shape, n=10, seed=0, input_dtype="float32"):
     rng = np.random.default_rng(seed)
-    x = rng.normal(size=(n, *input_shape)).astype("float32")
+    if np.issubdtype(input_dtype, np.integer):
+        x = rng.integers(0, VOCAB_SIZE, size=(n, *input_shape))
+    else:
+        x = rng.normal(size=(n, *input_shape))
     y = rng.integers(0, 3, size=n)
-    return x, y
+    return x.astype(input_dtype), y
 
 
 def check_layer(layer_cls, init_kwargs, input_shape, expected_output_shape,
-                expected_num_trainable_weights, tmp_path):
-    """Runs every check; `input_shape` and the expected shape omit the batch."""
+                expected_num_trainable_weights, tmp_path, *,
+                input_dtype="float32", batched_output=True, features=None):
+    """Runs every check; `input_shape` and the expected shape omit the batch.
+
+    Args:
+      input_dtype: dtype of the inputs; integer inputs are token ids in
+        `[0, VOCAB_SIZE)`.
+      batched_output: False for a layer whose output has no batch axis
+        (`RelativePositionBias`: `[1, heads, q_len, kv_len]`);
+        `expected_output_shape` is then the whole output shape.
+      features: None, or `features(outputs, inputs)` of Keras tensors
+        giving the tensor with a batch axis that the classifier head
+        flattens (for outputs without one: combine them with the inputs).
+    """
     layer = layer_cls(**init_kwargs)
     config = layer.get_config()
     assert layer_cls.from_config(config).get_config() == config
@@ -52,12 +73,14 @@ def check_layer(layer_cls, init_kwargs, input_shape, expected_output_shape,
         keras.saving.serialize_keras_object(layer))
     assert revived.get_config() == config
 
-    x, y = _data(input_shape)
+    x, y = _data(input_shape, input_dtype=input_dtype)
+    batch = (None,) if batched_output else ()
     # Symbolic and eager calls.
-    symbolic = layer(keras.Input(input_shape))
-    assert tuple(symbolic.shape) == (None, *expected_output_shape)
+    symbolic = layer(keras.Input(input_shape, dtype=input_dtype))
+    assert tuple(symbolic.shape) == (*batch, *expected_output_shape)
     eager = layer(x).numpy()
-    assert eager.shape == (len(x), *expected_output_shape)
+    batch = (len(x),) if batched_output else ()
+    assert eager.shape == (*batch, *expected_output_shape)
     assert len(layer.trainable_weights) == expected_num_trainable_weights
     assert not layer.non_trainable_weights
     # tf.function and XLA give the eager result.
@@ -65,34 +88,38 @@ def check_layer(layer_cls, init_kwargs, input_shape, expected_output_shape,
         traced = tf.function(layer, jit_compile=jit)(x).numpy()
         np.testing.assert_allclose(traced, eager, rtol=1e-5, atol=1e-5)
 
+    def model(dtype=None):
+        return _model(layer_cls, init_kwargs, input_shape, dtype,
+                      input_dtype, features)
+
     # .keras round trip keeps weights and outputs.
-    model = _compile(_model(layer_cls, init_kwargs, input_shape))
+    trained = _compile(model())
     path = os.path.join(tmp_path, "model.keras")
-    model.save(path)
+    trained.save(path)
     loaded = keras.saving.load_model(path)
     np.testing.assert_allclose(loaded.predict(x, verbose=0),
-                               model.predict(x, verbose=0), rtol=1e-6)
+                               trained.predict(x, verbose=0), rtol=1e-6)
     assert loaded.get_layer("under_test").get_config() == \
-        model.get_layer("under_test").get_config()
+        trained.get_layer("under_test").get_config()
 
     # fit: numpy with a partial last batch (unknown batch dimension).
-    history = model.fit(x, y, batch_size=_BATCH, epochs=1, verbose=0)
+    history = trained.fit(x, y, batch_size=_BATCH, epochs=1, verbose=0)
     assert np.isfinite(history.history["loss"]).all()
     # fit: tf.data without drop_remainder, then evaluate.
     dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(_BATCH)
     assert dataset.element_spec[0].shape[0] is None
-    history = model.fit(dataset, epochs=1, verbose=0)
+    history = trained.fit(dataset, epochs=1, verbose=0)
     assert np.isfinite(history.history["loss"]).all()
-    model.evaluate(dataset, verbose=0)
+    trained.evaluate(dataset, verbose=0)
 
     # jit_compile=True train step.
-    compiled = _compile(_model(layer_cls, init_kwargs, input_shape), True)
+    compiled = _compile(model(), True)
     history = compiled.fit(x, y, batch_size=_BATCH, epochs=1, verbose=0)
     assert np.isfinite(history.history["loss"]).all()
 
     # Mixed precision: computes in the low dtype, weights stay float32.
     for policy in ("mixed_bfloat16", "mixed_float16"):
-        mixed = _compile(_model(layer_cls, init_kwargs, input_shape, policy))
+        mixed = _compile(model(policy))
         sub = mixed.get_layer("under_test")
         assert sub.compute_dtype == policy.split("_")[1]
         assert all(w.dtype == "float32" for w in sub.weights)
@@ -102,7 +129,7 @@ def check_layer(layer_cls, init_kwargs, input_shape, expected_output_shape,
 
     # MirroredStrategy over two logical CPUs.
     with mirrored_strategy().scope():
-        mirrored = _compile(_model(layer_cls, init_kwargs, input_shape))
+        mirrored = _compile(model())
     history = mirrored.fit(x, y, batch_size=_BATCH, epochs=1, verbose=0)
     assert np.isfinite(history.history["loss"]).all()
     return mirrored, history

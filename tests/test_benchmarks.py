@@ -57,14 +57,14 @@ def trained_workdir(tmp_path_factory):
 
 def test_recall_on_random_and_trained_rows(tmp_path, trained_workdir):
     out = tmp_path / "recall.json"
-    _run(["benchmarks/recall.py", "--n=512", "--rows=256", "--k", "8", "16",
-          "--recall_targets", "0.8", "0.9", "--d=32", "--ranks", "4", "32",
+    _run(["benchmarks/recall.py", "--mlp_dim=512", "--rows=256", "--k", "8", "16",
+          "--recall_targets", "0.8", "0.9", "--width=32", "--ranks", "4", "32",
           "--candidates", "32", f"--workdir={trained_workdir}",
           f"--json={out}"])
     result = json.loads(out.read_text())
     rows = result["rows"]
-    sources = {"random", "trained encoder/block_0/mlp",
-               "trained encoder/block_1/mlp"}
+    sources = {"random", "trained encoder_block_0_mlp",
+               "trained encoder_block_1_mlp"}
     assert {row["source"] for row in rows} == sources
     two_stage = result["two_stage"]
     assert {(r["source"], r["k"], r["rank"]) for r in two_stage} == {

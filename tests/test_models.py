@@ -85,7 +85,7 @@ def test_vit_forward_shapes(pooling, k):
     model = _vit(pooling=pooling, k=k)
     images, _ = _images(3)
     assert model(images).shape == (3, NUM_CLASSES)
-    fraction = float(model.sparse_mlps()["encoder/block_0/mlp"]
+    fraction = float(model.sparse_mlps()["encoder_block_0_mlp"]
                      .nonzero_fraction.result())
     if k is None:  # the dense ReLU baseline: about half active at init
         assert 0.2 < fraction < 0.8
@@ -102,7 +102,7 @@ def test_vit_forward_shapes(pooling, k):
 
 def test_vit_sparse_mlps_are_named_by_path():
     mlps = _vit(variant="tiny").sparse_mlps()
-    assert list(mlps) == [f"encoder/block_{i}/mlp" for i in range(4)]
+    assert list(mlps) == [f"encoder_block_{i}_mlp" for i in range(4)]
     for path, mlp in mlps.items():
         assert isinstance(mlp, SparseMLP)
         assert mlp.name == path.replace("/", "_")
@@ -146,7 +146,7 @@ def test_vit_mirrored_strategy_fit():
     history = model.fit(images, labels, batch_size=4, epochs=1, verbose=0)
     assert np.isfinite(history.history["loss"]).all()
     _check_sparsity_logs(model, history, K, 128)
-    mlp = model.sparse_mlps()["encoder/block_0/mlp"]
+    mlp = model.sparse_mlps()["encoder_block_0_mlp"]
     # Both replicas' tokens are counted: 8 images x 17 tokens.
     assert float(mlp.nonzero_fraction.token_count.numpy()) == 8 * 17
 
@@ -196,8 +196,8 @@ def test_t5_fit_copy_task():
     losses = history.history["loss"]
     assert losses[-1] < 0.7 * losses[0]
     assert list(model.sparse_mlps()) == [
-        "encoder/block_0/mlp", "encoder/block_1/mlp",
-        "decoder/block_0/mlp", "decoder/block_1/mlp"]
+        "encoder_block_0_mlp", "encoder_block_1_mlp",
+        "decoder_block_0_mlp", "decoder_block_1_mlp"]
     _check_sparsity_logs(model, history, 16, 256)
 
 

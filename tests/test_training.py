@@ -5,7 +5,6 @@ jit_compile, under the shared MirroredStrategy with mixed precision, killed
 with SIGKILL and resumed, and with a misspelled config key.
 """
 
-import glob
 import importlib.util
 import json
 import os
@@ -23,8 +22,9 @@ import tensorflow as tf
 
 from configs import common
 from tests.devices import mirrored_strategy
+from tests.events import read_events, read_scalars
 from tests.mock_tfds import mocked_tfds
-from topk_sparse import distribute, training
+from topk_sparse import distribute, evaluation, optimizers, training
 from topk_sparse.data import corruptions
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -44,27 +44,6 @@ def run_python(args, **kwargs):
     return subprocess.Popen([sys.executable, *args], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, **kwargs)
-
-
-def read_scalars(logdir):
-    """`{tag: {step: value}}` from the TensorBoard event files in logdir."""
-    scalars = {}
-    for path in glob.glob(os.path.join(logdir, "events.out.tfevents.*")):
-        for event in tf.compat.v1.train.summary_iterator(path):
-            for value in event.summary.value:
-                array = tf.make_ndarray(value.tensor)
-                if array.ndim == 0:  # not a histogram
-                    scalars.setdefault(value.tag, {})[event.step] = float(
-                        array)
-    return scalars
-
-
-def read_tags(logdir):
-    """Every summary tag in the event files of logdir."""
-    return {value.tag
-            for path in glob.glob(os.path.join(logdir, "events.out.*"))
-            for event in tf.compat.v1.train.summary_iterator(path)
-            for value in event.summary.value}
 
 
 # Strategies.
@@ -139,15 +118,17 @@ def test_train_runlocal_one_device_jit(tmp_path):
     assert np.isfinite(report["eval"]["loss"])
     # Top-32 of mlp_dim 128, per MLP in depth order, measured on test data.
     assert list(report["nonzero_fraction"]) == [
-        "encoder/block_0/mlp", "encoder/block_1/mlp"]
+        "encoder_block_0_mlp", "encoder_block_1_mlp"]
     for value in report["nonzero_fraction"].values():
         assert 0.0 < value <= 32 / 128
-    # TensorBoard got the losses and each MLP's sparsity, per epoch.
+    # TensorBoard got the losses per epoch, and each MLP's sparsity once:
+    # from SparsityCallback, not again from the fit logs.
     train_logs = read_scalars(os.path.join(workdir, "tensorboard", "train"))
     assert set(train_logs["epoch_loss"]) == {0, 1}
     np.testing.assert_allclose(
         train_logs["epoch_loss"][1], report["history"]["loss"][1], rtol=1e-6)
-    assert 0 < train_logs["epoch_encoder_block_1_mlp/nonzero_fraction"][1] \
+    assert not [tag for tag in train_logs if "nonzero_fraction" in tag]
+    assert 0 < report["history"]["encoder_block_1_mlp/nonzero_fraction"][1] \
         <= 0.25
     eval_logs = read_scalars(os.path.join(workdir, "tensorboard",
                                           "validation"))
@@ -156,9 +137,9 @@ def test_train_runlocal_one_device_jit(tmp_path):
     sparsity_logs = read_scalars(os.path.join(workdir, "tensorboard",
                                               "sparsity"))
     # Written against optimizer steps: 3 per epoch.
-    assert set(sparsity_logs["sparsity/encoder/block_0/mlp/nonzero_fraction"]
+    assert set(sparsity_logs["sparsity/encoder_block_0_mlp/nonzero_fraction"]
                ) == {3, 6}
-    assert 0 <= report["dead_fraction"]["encoder/block_1/mlp"] < 1
+    assert 0 <= report["dead_fraction"]["encoder_block_1_mlp"] < 1
     assert 0 <= report["eval"]["expected_calibration_error"] <= 1
     assert report["label_noise"] == 0.0
     # Calibration curves per epoch, the reliability diagram as an image.
@@ -168,8 +149,8 @@ def test_train_runlocal_one_device_jit(tmp_path):
         calibration_logs["calibration/expected_calibration_error"][6],
         report["eval"]["expected_calibration_error"], rtol=1e-5)
     assert set(calibration_logs["calibration/brier_score"]) == {3, 6}
-    assert "calibration/reliability_diagram" in read_tags(
-        os.path.join(workdir, "tensorboard", "calibration"))
+    assert "calibration/reliability_diagram" in read_events(
+        os.path.join(workdir, "tensorboard", "calibration"))[0]
     # Every corruption at severities 1 and 5, clean numbers equal evaluate's.
     robust = report["robustness"]
     assert list(robust["corruptions"]) == list(common.CORRUPTIONS)
@@ -235,8 +216,8 @@ def test_train_cifar10_runlocal_on_mocked_tfds(tmp_path):
     assert list(benchmark["corruptions"]) == list(
         corruptions.BENCHMARK_CORRUPTIONS)
     assert set(benchmark["corruptions"]["fog"]) == {"1", "5", "mean"}
-    assert "robustness/fog/accuracy" in read_tags(
-        str(tmp_path / "run" / "tensorboard" / "cifar10_corrupted"))
+    assert "robustness/fog/accuracy" in read_events(
+        str(tmp_path / "run" / "tensorboard" / "cifar10_corrupted"))[0]
 
 
 @pytest.mark.parametrize("name", [
@@ -271,25 +252,25 @@ def test_optimizer_schedules():
     config = load_config("vit_digits")
     opt = config.optimizer
     opt.warmup_steps = 10
-    cosine = training._learning_rate(opt, total_steps=110)
+    cosine = optimizers.learning_rate(opt, total_steps=110)
     lr = opt.learning_rate
     rates = [float(cosine(step)) for step in (0, 5, 10, 60, 110)]
     np.testing.assert_allclose(rates, [0, lr / 2, lr, lr / 2, 0], atol=1e-7)
     opt.schedule = "constant"
-    constant = training._learning_rate(opt, total_steps=110)
+    constant = optimizers.learning_rate(opt, total_steps=110)
     np.testing.assert_allclose(float(constant(80)), lr, rtol=1e-6)
-    assert isinstance(training._make_optimizer(opt, 110),
+    assert isinstance(optimizers.make(opt, 110),
                       keras.optimizers.AdamW)
     opt.schedule = "rsqrt"
-    rsqrt = training._learning_rate(opt, total_steps=110)
+    rsqrt = optimizers.learning_rate(opt, total_steps=110)
     np.testing.assert_allclose([float(rsqrt(s)) for s in (0, 10, 40)],
                                [lr, lr, lr / 2], rtol=1e-6)
     opt.name = "adafactor"
-    assert isinstance(training._make_optimizer(opt, 110),
+    assert isinstance(optimizers.make(opt, 110),
                       keras.optimizers.Adafactor)
     opt.name = "lamb"
     with pytest.raises(ValueError, match="Unknown config.optimizer.name"):
-        training._make_optimizer(opt, total_steps=110)
+        optimizers.make(opt, total_steps=110)
 
 
 def test_config_arguments():
@@ -332,7 +313,7 @@ def test_train_t5_runlocal(tmp_path):
     (None, {"rank": 8}, "needs Top-k MLPs"),
     (32, {"rank": 33}, "rank must be"),
     (32, {"rank": 8, "candidates": 16}, "candidates must be"),
-    (32, {"rank": 8, "examples": 0}, "examples must be positive")])
+    (32, {"rank": 8, "examples": 0}, "examples must be a positive int")])
 def test_two_stage_arguments_fail_before_training(tmp_path, model_k,
                                                   two_stage, match):
     config = load_config("vit_digits", "runlocal")
@@ -363,7 +344,7 @@ def test_exact_match_ignores_what_follows_eos():
     targets = tf.constant([[5, 1, 0], [5, 7, 1]])
     weights = tf.cast(targets > 0, tf.float32)
     dataset = tf.data.Dataset.from_tensors((inputs, targets, weights))
-    assert training.exact_match(Echo(), dataset, 2) == 0.5
+    assert evaluation.exact_match(Echo(), dataset, 2) == 0.5
 
 
 # The binary.

@@ -151,7 +151,7 @@ def test_config_builds_and_documents_itself():
         assert key in config
     assert local.epochs * local.steps_per_epoch <= 10
     assert config.data.name == "wmt" and config.data.dataset == DATASET
-    assert data.vocab_size(config.data) == text.BYTE_VOCAB_SIZE
+    assert data.features(config.data) == {"vocab_size": text.BYTE_VOCAB_SIZE}
     spec = importlib.util.spec_from_file_location(
         "t5_wmt", os.path.join(CONFIGS, "t5_wmt.py"))
     module = importlib.util.module_from_spec(spec)

@@ -6,6 +6,10 @@ Layers that keep, per token, only the `k` largest MLP activations
 """
 
 from topk_sparse import ops, scoring
+# Register ViT, T5, their layers and the learning-rate schedules with Keras
+# (a trainer's model.keras loads after `import topk_sparse`), and the models
+# with the trainer.
+from topk_sparse import models, optimizers
 from topk_sparse.callbacks import CalibrationCallback, SparsityCallback
 from topk_sparse.calibration import (BrierScore, ExpectedCalibrationError,
                                      NegativeLogLikelihood)
@@ -17,5 +21,6 @@ __version__ = "0.1.0"
 __all__ = [
     "NonzeroFraction", "BrierScore", "CalibrationCallback",
     "ExpectedCalibrationError", "NegativeLogLikelihood", "SparseMLP",
-    "SparsityCallback", "TopKActivation", "ops", "scoring",
+    "SparsityCallback", "TopKActivation", "models", "ops", "optimizers",
+    "scoring",
 ]

@@ -6,11 +6,14 @@
 resulting classifier is (Table 1: Top-k lowers ViT's ECE from 8.42 to 7.48).
 
 - `SparsityCallback` reads the `NonzeroFraction` metric that every
-  `SparseMLP` / `TopKActivation` owns (`layer.nonzero_fraction`) and writes, per layer,
-  `sparsity/<path>/nonzero_fraction`, `sparsity/<path>/dead_fraction` and
-  the histograms `sparsity/<path>/neuron_fire_rate` and
-  `sparsity/<path>/token_nonzero_fraction`, plus
+  `SparseMLP` / `TopKActivation` owns (`layer.nonzero_fraction`) and
+  writes, per layer,
+  `sparsity/<layer>/nonzero_fraction`, `sparsity/<layer>/dead_fraction` and
+  the histograms `sparsity/<layer>/neuron_fire_rate` and
+  `sparsity/<layer>/token_nonzero_fraction`, plus
   `sparsity/mean_nonzero_fraction` and `sparsity/mean_dead_fraction`.
+  Use it with this module's `TensorBoard` (Keras's, less the layers'
+  nonzero fractions), so that each reaches TensorBoard once.
 - `CalibrationCallback` runs the model over held-out data and writes
   `calibration/expected_calibration_error`, `.../negative_log_likelihood`,
   `.../brier_score`, `.../accuracy` and the reliability diagram as the image
@@ -45,6 +48,7 @@ import numpy as np
 from tensorboard.plugins.histogram import metadata as histogram_metadata
 import tensorflow as tf
 
+from topk_sparse import checks
 from topk_sparse.calibration import (BrierScore, ExpectedCalibrationError,
                                      NegativeLogLikelihood,
                                      reliability_diagram_image)
@@ -107,50 +111,74 @@ class _SummaryCallback(keras.callbacks.Callback):
         self._writer.flush()
 
 
-def sparse_layers(model):
-    """Returns `{tag path: NonzeroFraction}` for every tracked layer.
+_NONZERO_SUFFIX = "/nonzero_fraction"
 
-    A layer is tracked when its `sparsity` attribute is an
-    `NonzeroFraction` (a built `SparseMLP` or `TopKActivation` with
-    `track_sparsity=True`). Its path is the one the model's `sparse_mlps()`
-    gives it, where the model has that method, else the layer name.
+
+def sparse_layers(model):
+    """Returns `{layer name: NonzeroFraction}` for every tracked layer.
+
+    A layer is tracked when it owns a `NonzeroFraction` metric (a built
+    `SparseMLP` or `TopKActivation` with `track_sparsity=True`), named
+    `<layer name>/nonzero_fraction`: the layer name is the path of its tags
+    and report entries, as it is of its key in `fit` logs.
 
     Raises:
-      ValueError: if no layer is tracked, or two share a path.
+      ValueError: if no layer is tracked, or two share a name.
     """
-    paths = {}
-    if callable(getattr(model, "sparse_mlps", None)):
-        paths = {id(layer): path
-                 for path, layer in model.sparse_mlps().items()}
     found = {}
-    for layer in model._flatten_layers(include_self=False):
-        metric = getattr(layer, "nonzero_fraction", None)
-        if not isinstance(metric, NonzeroFraction):
+    for metric in model.metrics:
+        if not isinstance(metric, NonzeroFraction) or any(
+                metric is other for other in found.values()):
             continue
-        path = paths.get(id(layer), layer.name)
+        path = metric.name.removesuffix(_NONZERO_SUFFIX)
         if path in found:
             raise ValueError(
-                f"Two layers of model {model.name!r} would both write "
-                f"sparsity/{path}/...: give them distinct names.")
+                f"Two layers of model {model.name!r} are both named "
+                f"{path!r}: give them distinct names.")
         found[path] = metric
     if not found:
         raise ValueError(
-            f"Model {model.name!r} has no layer whose `sparsity` attribute is "
-            f"an `NonzeroFraction` (a built SparseMLP or TopKActivation "
-            f"with track_sparsity=True), so there is no sparsity to write.")
+            f"Model {model.name!r} has no layer that owns a NonzeroFraction "
+            f"metric (a built SparseMLP or TopKActivation with "
+            f"track_sparsity=True), so there is no sparsity to write.")
     return found
+
+
+class TensorBoard(keras.callbacks.TensorBoard):
+    """`keras.callbacks.TensorBoard` less the layers' nonzero fractions.
+
+    Every `SparseMLP` / `TopKActivation` puts `<layer>/nonzero_fraction`
+    into the `fit` logs, which Keras's callback would write beside
+    `SparsityCallback`'s `sparsity/<layer>/nonzero_fraction`: with this one
+    each value reaches TensorBoard once. Same arguments as Keras's.
+    """
+
+    def on_train_batch_end(self, batch, logs=None):
+        super().on_train_batch_end(batch, _without_nonzero(logs))
+
+    def on_test_end(self, logs=None):
+        super().on_test_end(_without_nonzero(logs))
+
+    def on_epoch_end(self, epoch, logs=None):
+        super().on_epoch_end(epoch, _without_nonzero(logs))
+
+
+def _without_nonzero(logs):
+    if not isinstance(logs, dict):
+        return logs
+    return {k: v for k, v in logs.items() if not k.endswith(_NONZERO_SUFFIX)}
 
 
 class SparsityCallback(_SummaryCallback):
     """Writes the activation sparsity of every Top-k / sparse MLP layer.
 
-    For each layer (tag `<path>`: its `sparse_mlps()` path or layer name):
-    `sparsity/<path>/nonzero_fraction` (the share of hidden activations that
+    For each layer (`<layer>`: its name, as in the `fit` logs):
+    `sparsity/<layer>/nonzero_fraction` (the share of hidden activations that
     are nonzero, per token, the measure of the Lazy Neuron paper),
-    `sparsity/<path>/dead_fraction` (share of neurons that never fired) and,
-    with `histograms=True`, the histograms `sparsity/<path>/neuron_fire_rate`
+    `sparsity/<layer>/dead_fraction` (share of neurons that never fired) and,
+    with `histograms=True`, the histograms `sparsity/<layer>/neuron_fire_rate`
     (per neuron, the share of tokens it fired on) and
-    `sparsity/<path>/token_nonzero_fraction` (per token, the share of
+    `sparsity/<layer>/token_nonzero_fraction` (per token, the share of
     neurons that fired: the distribution behind `nonzero_fraction`); and
     over layers
     `sparsity/mean_nonzero_fraction` and `sparsity/mean_dead_fraction`.
@@ -177,13 +205,10 @@ class SparsityCallback(_SummaryCallback):
 
     def __init__(self, log_dir, update_freq="epoch", histograms=True):
         super().__init__(log_dir)
-        if update_freq != "epoch" and (
-                isinstance(update_freq, bool)
-                or not isinstance(update_freq, (int, np.integer))
-                or update_freq < 1):
-            raise ValueError(
-                f"update_freq must be 'epoch' or a positive int (a number of "
-                f"optimizer steps), got {update_freq!r}.")
+        if update_freq != "epoch":
+            update_freq = checks.positive_int(
+                update_freq, "update_freq ('epoch' or a number of optimizer "
+                "steps)")
         self.update_freq = update_freq
         self.histograms = bool(histograms)
         self._metrics = None
@@ -192,11 +217,9 @@ class SparsityCallback(_SummaryCallback):
         self._last_write = None
 
     def on_train_begin(self, logs=None):
-        # A subclassed model builds its layers (and their metrics) in the
-        # first train step: look for them then, not later.
+        # Found after the first batch: a subclassed model builds its layers
+        # (and their metrics) in its first train step.
         self._metrics = None
-        if all(layer.built for layer in self.model._flatten_layers()):
-            self._metrics = sparse_layers(self.model)
         super().on_train_begin(logs)
         self._in_fit = True
         self._last_write = None
@@ -345,15 +368,10 @@ class CalibrationCallback(_SummaryCallback):
     def __init__(self, log_dir, validation_data, num_bins=15, from_logits=True,
                  freq=1, batch_size=32):
         super().__init__(log_dir)
-        for name, value in (("freq", freq), ("num_bins", num_bins),
-                            ("batch_size", batch_size)):
-            if isinstance(value, bool) or not isinstance(
-                    value, (int, np.integer)) or value < 1:
-                raise ValueError(
-                    f"{name} must be a positive int, got {value!r}.")
-        self.num_bins = int(num_bins)
+        self.num_bins = checks.positive_int(num_bins, "num_bins")
         self.from_logits = bool(from_logits)
-        self.freq = int(freq)
+        self.freq = checks.positive_int(freq, "freq")
+        batch_size = checks.positive_int(batch_size, "batch_size")
         self._dataset = _validation_dataset(validation_data, int(batch_size))
         self._built_for = None
 
@@ -409,12 +427,10 @@ class CalibrationCallback(_SummaryCallback):
                 NegativeLogLikelihood(self.from_logits),
                 BrierScore(self.from_logits),
             ]
+        # The model's metrics, its layers' sparsity included (compiled ones
+        # are not updated by this pass; restoring them is a no-op).
         layer_variables = list({
-            id(v): v
-            for layer in model._flatten_layers(include_self=False)
-            for metric in getattr(layer, "_metrics", ())
-            for v in metric.variables
-        }.values())
+            id(v): v for v in model.metrics_variables}.values())
         metrics = self._metrics
 
         def replica_step(batch):

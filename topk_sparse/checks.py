@@ -36,14 +36,15 @@ def positive_int(value, name, upper=None):
     return number
 
 
-def int_in_range(value, name, low, high):
+def int_in_range(value, name, low, high, why=""):
     """`value` as an int if it is an integral number in `[low, high]`,
-    else raises `ValueError` naming `name` and the range."""
+    else raises `ValueError` naming `name`, the range and `why` (a reason
+    for the range, e.g. " (the kernel's smaller side)")."""
     try:
         number = integer(value, name)
     except ValueError:
         number = None
     if number is None or not low <= number <= high:
         raise ValueError(
-            f"{name} must be an int in [{low}, {high}], got {value!r}.")
+            f"{name} must be an int in [{low}, {high}]{why}, got {value!r}.")
     return number

@@ -17,6 +17,8 @@ Keras 3 does not support `MultiWorkerMirroredStrategy` (keras-team/keras
 from absl import logging
 import tensorflow as tf
 
+from topk_sparse import checks
+
 STRATEGIES = ("auto", "tpu", "mirrored", "cpu")
 
 # What `TPUClusterResolver` and `initialize_tpu_system` raise when there is no
@@ -125,11 +127,8 @@ def _mirrored_strategy(num_cpu_devices):
 def _logical_cpus(num_cpu_devices):
     """Names of the logical CPU devices, first making `num_cpu_devices`."""
     if num_cpu_devices is not None:
-        if isinstance(num_cpu_devices, bool) or not isinstance(
-                num_cpu_devices, int) or num_cpu_devices <= 0:
-            raise ValueError(
-                f"num_cpu_devices must be a positive int or None, got "
-                f"{num_cpu_devices!r}.")
+        num_cpu_devices = checks.positive_int(num_cpu_devices,
+                                              "num_cpu_devices")
         cpu = tf.config.list_physical_devices("CPU")[0]
         configured = len(tf.config.get_logical_device_configuration(cpu)
                          or [None])

@@ -10,13 +10,12 @@ Both own an `NonzeroFraction` metric, `layer.nonzero_fraction`, which Keras
 reports in `fit` logs as `<layer name>/nonzero_fraction`.
 """
 
-import contextlib
 import fractions
 
 import keras
 import tensorflow as tf
 
-from topk_sparse import ops, scoring
+from topk_sparse import checks, ops
 from topk_sparse.sparsity import NonzeroFraction, TopKRecall
 
 IMPLEMENTATIONS = ("masked", "gather", "auto")
@@ -180,16 +179,9 @@ class SparseMLP(keras.layers.Layer):
                  kernel_initializer="glorot_uniform",
                  bias_initializer="zeros", track_sparsity=True, **kwargs):
         super().__init__(**kwargs)
-        if isinstance(mlp_dim, bool) or not isinstance(mlp_dim, int) \
-                or mlp_dim <= 0:
-            raise ValueError(
-                f"mlp_dim must be a positive int, got {mlp_dim!r}.")
-        if output_dim is not None and (
-                isinstance(output_dim, bool) or not isinstance(output_dim, int)
-                or output_dim <= 0):
-            raise ValueError(
-                f"output_dim must be a positive int or None, got "
-                f"{output_dim!r}.")
+        mlp_dim = checks.positive_int(mlp_dim, "mlp_dim")
+        if output_dim is not None:
+            output_dim = checks.positive_int(output_dim, "output_dim")
         if implementation not in IMPLEMENTATIONS:
             raise ValueError(
                 f"Unknown implementation {implementation!r}: choose one of "
@@ -204,8 +196,11 @@ class SparseMLP(keras.layers.Layer):
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.bias_initializer = keras.initializers.get(bias_initializer)
         self.track_sparsity = bool(track_sparsity)
-        self.nonzero_fraction = self.recall = self.scorer = None
-        self._record = None  # see recording_inputs
+        self.nonzero_fraction = self.recall = None
+        # An object of topk_sparse.scoring (two-stage scoring, input
+        # recording) that sees every call first and may choose its kept
+        # neurons; None: every call scores all neurons.
+        self.scorer = None
 
     def build(self, input_shape):
         if len(input_shape) < 2 or input_shape[-1] is None:
@@ -233,74 +228,14 @@ class SparseMLP(keras.layers.Layer):
     def _weight(self, name, shape, initializer):
         return self.add_weight(name=name, shape=shape, initializer=initializer)
 
-    def calibrate_scoring(self, inputs, rank, candidates=None):
-        """Scores neurons in two stages on the gathered path, from now on.
-
-        Fits a rank-`rank` scorer of `W1` to `inputs` (this layer's inputs,
-        `[..., d]`, e.g. from `recording_inputs`) and freezes a copy of
-        `W1ᵀ` to rescore `candidates` neurons per token exactly (see
-        `topk_sparse.scoring`). Used for calls where tokens x `candidates`
-        is at most `GATHER_MAX_SHARE` of `mlp_dim`; a training call
-        raises (the frozen copy would go stale: `remove_scoring()` first).
-        Not saved with the model: calibrate again after loading. Measure
-        what it costs in recall with `scoring.measure_two_stage` on held-out
-        tokens: a low rank serves inputs that fill few directions only
-        (benchmarks/recall.py).
-
-        Args:
-          inputs: calibration tokens `[..., d]`, thousands.
-          rank: int. Rank of the first-stage scorer.
-          candidates: int, `k <= candidates <= mlp_dim`, rescored per
-            token. Defaults to `4 * k` (at most `mlp_dim`).
-        """
-        candidates = self.check_scoring(rank, candidates)
-        self.scorer = scoring.TwoStageScorer(
-            self.intermediate_kernel.numpy(), inputs, rank, candidates,
-            dtype=self.compute_dtype)
-
-    def check_scoring(self, rank, candidates=None):
-        """Raises unless `calibrate_scoring(inputs, rank, candidates)` can
-        run (before any inputs exist: a trainer checks its config with it);
-        returns `candidates`, its default resolved."""
-        if self.k is None or not self.built:
-            raise ValueError(
-                f"SparseMLP {self.name!r}: two-stage scoring needs a built "
-                f"layer with k set, got built={self.built}, k={self.k}.")
-        scoring.validate_rank(rank, *self.intermediate_kernel.shape)
-        if candidates is None:
-            candidates = min(4 * self.k, self.mlp_dim)
-        if isinstance(candidates, bool) or not isinstance(candidates, int) \
-                or not self.k <= candidates <= self.mlp_dim:
-            raise ValueError(
-                f"candidates must be an int in [k={self.k}, mlp_dim="
-                f"{self.mlp_dim}], got {candidates!r}.")
-        return candidates
-
-    def remove_scoring(self):
-        """Back to scoring every neuron exactly on the gathered path."""
-        self.scorer = None
-
     def call(self, inputs, training=None):
         _check_floating(inputs, self)
-        if training and self.scorer is not None:
-            raise ValueError(
-                f"SparseMLP {self.name!r} has a two-stage scorer, whose frozen "
-                f"copy of W1 training would make stale: call "
-                f"remove_scoring() before training, calibrate_scoring() "
-                f"after.")
-        if self._record is not None:
-            if not tf.executing_eagerly():
-                raise RuntimeError(
-                    f"recording_inputs needs eager calls (model(x)), but "
-                    f"SparseMLP {self.name!r} is being traced (predict, "
-                    f"tf.function).")
-            self._record(tf.reshape(inputs, [-1, inputs.shape[-1]]))
-        gathers = self.k is not None and self._gathers(inputs)
-        if gathers and self.scorer is not None and self._reads_few_rows(
-                inputs, self.scorer.candidates):
-            return self._two_stage_output(inputs)
+        if self.scorer is not None:
+            chosen = self.scorer(self, inputs, training)
+            if chosen is not None:  # `(values, indices)` of the kept neurons
+                return self._sparse_output(*chosen)
         hidden = self.pre_activations(inputs)
-        if gathers:
+        if self.gathers(inputs):
             return self._gathered_output(hidden)
         if self.k is None:
             activations = tf.nn.relu(hidden)
@@ -313,16 +248,18 @@ class SparseMLP(keras.layers.Layer):
             self.recall.update_state(hidden, activations)
         return _project(activations, self.output_kernel, self.output_bias)
 
-    def _gathers(self, inputs):
-        """Whether this call takes the gathered path (decided at trace
-        time, from static shapes)."""
+    def gathers(self, inputs):
+        """Whether a call on `inputs` takes the gathered path (decided at
+        trace time, from static shapes)."""
+        if self.k is None:
+            return False
         if self.implementation != "auto":
             return self.implementation == "gather"
         if self.method == "statistical":  # its paths differ past k
             return False
-        return self._reads_few_rows(inputs, self.k)
+        return self.reads_few_rows(inputs, self.k)
 
-    def _reads_few_rows(self, inputs, rows_per_token):
+    def reads_few_rows(self, inputs, rows_per_token):
         """Whether the call's static token count times `rows_per_token` is at
         most `GATHER_MAX_SHARE` of `mlp_dim`."""
         tokens = inputs.shape[:-1].num_elements()
@@ -337,17 +274,6 @@ class SparseMLP(keras.layers.Layer):
         return _project(
             inputs, tf.cast(self.intermediate_kernel, inputs.dtype),
             None if bias is None else tf.cast(bias, inputs.dtype))
-
-    def _two_stage_output(self, inputs):
-        flat = tf.reshape(inputs, [-1, inputs.shape[-1]])
-        values, indices = self.scorer.topk(flat, self.k,
-                                           self.intermediate_bias)
-        lead = tf.shape(inputs)[:-1]
-        values = tf.reshape(values, tf.concat([lead, [self.k]], 0))
-        indices = tf.reshape(indices, tf.concat([lead, [self.k]], 0))
-        # No recall metric here: it would read all of W1 (measure_two_stage
-        # measures it apart).
-        return self._sparse_output(values, indices)
 
     def _gathered_output(self, hidden):
         values, indices = ops.topk_activations(hidden, self.k, self.method,
@@ -383,36 +309,6 @@ class SparseMLP(keras.layers.Layer):
                 keras.initializers.serialize(self.bias_initializer),
             "track_sparsity": self.track_sparsity,
         }
-
-
-@contextlib.contextmanager
-def recording_inputs(mlps):
-    """Records what the given `SparseMLP`s are called with, eagerly.
-
-    Args:
-      mlps: `{name: SparseMLP}`, e.g. `model.sparse_mlps()`.
-
-    Yields:
-      `{name: [inputs [tokens, d], ...]}`, one entry per eager call made
-      inside the context; a traced call (`predict`, `tf.function`) raises.
-
-    Example:
-    >>> model = topk_sparse.models.ViT("micro", image_size=16,
-    ...                                num_classes=10, k=8)
-    >>> with recording_inputs(model.sparse_mlps()) as records:
-    ...     _ = model(np.zeros((2, 16, 16, 3), "float32"))
-    >>> records["encoder/block_0/mlp"][0].shape
-    TensorShape([34, 32])
-    """
-    records = {name: [] for name in mlps}
-    for name, mlp in mlps.items():
-        # A bound method: Keras would wrap a list attribute in a copy.
-        mlp._record = records[name].append
-    try:
-        yield records
-    finally:
-        for mlp in mlps.values():
-            mlp._record = None
 
 
 def _project(x, kernel, bias):

@@ -34,7 +34,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from topk_sparse import sparsity
+from topk_sparse import checks, sparsity
 from topk_sparse.calibration import ExpectedCalibrationError
 from topk_sparse.data import corruptions as corruptions_lib
 from topk_sparse.data import images as images_lib
@@ -61,7 +61,7 @@ def _check_severities(severities):
         raise ValueError(
             f"severities must be distinct ints from 1 to 5, got "
             f"{severities!r}.")
-    return tuple(corruptions_lib._check_severity(s) for s in severities)
+    return tuple(corruptions_lib.check_severity(s) for s in severities)
 
 
 def check_arguments(corruptions, severities):
@@ -177,8 +177,7 @@ def evaluate_corruptions(model, dataset, corruptions=None,
     """
     names = _check_corruptions(corruptions, corruptions_lib.CORRUPTIONS)
     severities = _check_severities(severities)
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-        raise ValueError(f"seed must be an int, got {seed!r}.")
+    seed = checks.integer(seed, "seed")
     cases = [(name, s) for name in names for s in severities]
     transforms = [lambda images, seed: images] + [
         lambda images, seed, name=name, s=s: corruptions_lib.corrupt(
@@ -209,7 +208,7 @@ def evaluate_cifar10_c(model, batch_size, data_dir=None, corruptions=None,
       image_size: int or None. Resize images to the model's input size.
     """
     valid = (*corruptions_lib.TFDS_CORRUPTIONS,
-             *corruptions_lib._TFDS_ALIASES)
+             *corruptions_lib.TFDS_ALIASES)
     names = _check_corruptions(
         tuple(corruptions_lib.CORRUPTIONS) if corruptions is None
         else corruptions, valid)

@@ -17,12 +17,27 @@ calibration tokens, which is much better than a factorization of `W1` alone
 when the inputs, as in trained Transformers, fill few directions. Its
 quality is measured, never assumed: `measure_two_stage` gives the recall of
 the exact top-k and the cosine of the MLP output to the exact path.
+
+Everything about it lives here; the layer only has a slot: a
+`SparseMLP.scorer` sees each call first and may return the kept neurons.
+
+- `check(mlp, rank, candidates)`: raises unless the MLP can be calibrated
+  so (a trainer checks its config with it before training);
+- `calibrate_mlp(mlp, inputs, rank, candidates)`: fits a `TwoStageScorer`
+  to the MLP's inputs and puts it in the slot (`mlp.scorer = None` removes
+  it);
+- `recording_inputs(mlps)`: records what the MLPs are called with;
+- `calibrate(model, batches, ...)`: all of the above for every MLP of a
+  model, and `measure_two_stage` on held-out inputs.
 """
+
+import contextlib
+
 
 import numpy as np
 import tensorflow as tf
 
-from topk_sparse import ops
+from topk_sparse import checks, ops
 from topk_sparse.sparsity import TopKRecall, metrics_restored
 
 
@@ -58,12 +73,8 @@ def low_rank_factors(kernel, inputs, rank):
 def validate_rank(rank, d, n):
     """Returns `rank` if it is an int in `[1, min(d, n)]` (a `[d, n]`
     kernel's), else raises."""
-    if isinstance(rank, bool) or not isinstance(rank, int) or \
-            not 0 < rank <= min(d, n):
-        raise ValueError(
-            f"rank must be an int in [1, {min(d, n)}] (min of the kernel's "
-            f"{d} x {n}), got {rank!r}.")
-    return rank
+    return checks.int_in_range(rank, "rank", 1, min(d, n),
+                               f" (min of the kernel's {d} x {n})")
 
 
 def two_stage_topk(x, k, candidates, factor, basis, kernel_rows, bias=None):
@@ -97,8 +108,7 @@ def two_stage_topk(x, k, candidates, factor, basis, kernel_rows, bias=None):
 
 class TwoStageScorer(tf.Module):
     """Inference-time state of a `SparseMLP`'s two-stage scoring: the
-    factors and a frozen copy of `W1ᵀ`. Made by
-    `SparseMLP.calibrate_scoring`; not part of the layer's Keras weights (it
+    factors and a frozen copy of `W1ᵀ`. Made by `calibrate_mlp`; not part of the layer's Keras weights (it
     is rebuilt from the inputs, in seconds, after loading a model)."""
 
     def __init__(self, kernel, inputs, rank, candidates, dtype="float32"):
@@ -120,6 +130,114 @@ class TwoStageScorer(tf.Module):
         return two_stage_topk(x, k, self.candidates, self.factor, self.basis,
                               self.kernel_rows, bias)
 
+    def __call__(self, mlp, inputs, training=None):
+        """The slot's contract (`SparseMLP.scorer`): the kept `(values,
+        indices)` `[..., k]` of a gathered call that reads few enough rows
+        of `W1ᵀ`, else None (the layer's own paths run)."""
+        if training:
+            raise ValueError(
+                f"SparseMLP {mlp.name!r} has a two-stage scorer, whose frozen "
+                f"copy of W1 training would make stale: set mlp.scorer = "
+                f"None before training, calibrate again after.")
+        if not (mlp.gathers(inputs) and
+                mlp.reads_few_rows(inputs, self.candidates)):
+            return None
+        flat = tf.reshape(inputs, [-1, inputs.shape[-1]])
+        # No recall metric here: it would read all of W1 (measure_two_stage
+        # measures it apart).
+        values, indices = self.topk(flat, mlp.k, mlp.intermediate_bias)
+        shape = tf.concat([tf.shape(inputs)[:-1], [mlp.k]], 0)
+        return tf.reshape(values, shape), tf.reshape(indices, shape)
+
+
+class _Recorder:
+    """Slot object of `recording_inputs`: records, never chooses."""
+
+    def __init__(self, append):
+        self.append = append
+
+    def __call__(self, mlp, inputs, training=None):
+        if not tf.executing_eagerly():
+            raise RuntimeError(
+                f"recording_inputs needs eager calls (model(x)), but "
+                f"SparseMLP {mlp.name!r} is being traced (predict, "
+                f"tf.function).")
+        self.append(tf.reshape(inputs, [-1, inputs.shape[-1]]))
+        return None
+
+
+@contextlib.contextmanager
+def recording_inputs(mlps):
+    """Records what the given `SparseMLP`s are called with, eagerly.
+
+    Their scorers, if any, are set aside meanwhile (the calls take the
+    layers' own paths) and put back on exit.
+
+    Args:
+      mlps: `{name: SparseMLP}`, e.g. `model.sparse_mlps()`.
+
+    Yields:
+      `{name: [inputs [tokens, d], ...]}`, one entry per eager call made
+      inside the context; a traced call (`predict`, `tf.function`) raises.
+
+    Example:
+    >>> model = topk_sparse.models.ViT("micro", image_size=16,
+    ...                                num_classes=10, k=8)
+    >>> with recording_inputs(model.sparse_mlps()) as records:
+    ...     _ = model(np.zeros((2, 16, 16, 3), "float32"))
+    >>> records["encoder/block_0/mlp"][0].shape
+    TensorShape([34, 32])
+    """
+    records = {name: [] for name in mlps}
+    saved = {name: mlp.scorer for name, mlp in mlps.items()}
+    for name, mlp in mlps.items():
+        mlp.scorer = _Recorder(records[name].append)
+    try:
+        yield records
+    finally:
+        for name, mlp in mlps.items():
+            mlp.scorer = saved[name]
+
+
+def check(mlp, rank, candidates=None):
+    """Raises unless `calibrate_mlp(mlp, inputs, rank, candidates)` can run
+    (before any inputs exist: a trainer checks its config with it);
+    returns `candidates`, its default (`4 k`, at most `mlp_dim`) resolved.
+    """
+    if mlp.k is None or not mlp.built:
+        raise ValueError(
+            f"SparseMLP {mlp.name!r}: two-stage scoring needs a built "
+            f"layer with k set, got built={mlp.built}, k={mlp.k}.")
+    validate_rank(rank, *mlp.intermediate_kernel.shape)
+    if candidates is None:
+        return min(4 * mlp.k, mlp.mlp_dim)
+    return checks.int_in_range(candidates, "candidates", mlp.k, mlp.mlp_dim)
+
+
+def calibrate_mlp(mlp, inputs, rank, candidates=None):
+    """Makes `mlp` score neurons in two stages on its gathered path.
+
+    Fits a rank-`rank` scorer of `W1` to `inputs` (the layer's inputs,
+    `[..., d]`, e.g. from `recording_inputs`) and freezes a copy of `W1ᵀ`
+    to rescore `candidates` neurons per token exactly. Used for calls where
+    tokens x `candidates` is at most `GATHER_MAX_SHARE` of `mlp_dim`; a
+    training call raises (the frozen copy would go stale: set
+    `mlp.scorer = None` first). Not saved with the model: calibrate again
+    after loading (seconds). Measure what it costs in recall with
+    `measure_two_stage` on held-out tokens: a low rank serves inputs that
+    fill few directions only (benchmarks/recall.py).
+
+    Args:
+      mlp: a built `SparseMLP` with `k` set.
+      inputs: calibration tokens `[..., d]`, thousands.
+      rank: int. Rank of the first-stage scorer.
+      candidates: int, `k <= candidates <= mlp_dim`, rescored per token.
+        Defaults to `4 * k` (at most `mlp_dim`).
+    """
+    candidates = check(mlp, rank, candidates)
+    mlp.scorer = TwoStageScorer(mlp.intermediate_kernel.numpy(), inputs,
+                                rank, candidates, dtype=mlp.compute_dtype)
+
 
 def measure_two_stage(mlp, inputs, chunk=256):
     """Recall of the exact top-k and mean cosine of the outputs, two-stage
@@ -133,9 +251,9 @@ def measure_two_stage(mlp, inputs, chunk=256):
       similarity to the exact gathered path's, output bias left out).
     """
     scorer = mlp.scorer
-    if scorer is None:
-        raise ValueError(f"SparseMLP {mlp.name!r} has no scorer: call "
-                         "calibrate_scoring first.")
+    if not isinstance(scorer, TwoStageScorer):
+        raise ValueError(f"SparseMLP {mlp.name!r} has no two-stage scorer: "
+                         f"call calibrate_mlp first.")
     tokens = tf.reshape(tf.cast(inputs, mlp.compute_dtype),
                         [-1, scorer.kernel_rows.shape[-1]])
     output_kernel = tf.cast(mlp.output_kernel, tokens.dtype)
@@ -169,7 +287,7 @@ def calibrate(model, batches, rank, candidates=None, held_out=None):
       batches: iterable of model inputs (e.g. a dataset's first few
         batches), run eagerly, in inference mode, to record each MLP's
         inputs.
-      rank, candidates: see `SparseMLP.calibrate_scoring`.
+      rank, candidates: see `calibrate_mlp`.
       held_out: iterable of model inputs to measure on; None measures on
         `batches` (in-sample: optimistic).
 
@@ -178,8 +296,6 @@ def calibrate(model, batches, rank, candidates=None, held_out=None):
     Returns:
       `{mlp path: {"recall", "cosine"}}`, see `measure_two_stage`.
     """
-    from topk_sparse.layers import recording_inputs  # layers imports us
-
     mlps = model.sparse_mlps()
 
     def record(inputs):
@@ -191,6 +307,6 @@ def calibrate(model, batches, rank, candidates=None, held_out=None):
     calibration = record(batches)
     measured = calibration if held_out is None else record(held_out)
     for name, mlp in mlps.items():
-        mlp.calibrate_scoring(calibration[name], rank, candidates)
+        calibrate_mlp(mlp, calibration[name], rank, candidates)
     return {name: measure_two_stage(mlp, measured[name])
             for name, mlp in mlps.items()}

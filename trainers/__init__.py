@@ -7,6 +7,7 @@ Everything else lives in the config; the work is `topk_sparse.training`.
 
 import contextlib
 import difflib
+import importlib.util
 import os
 import sys
 
@@ -102,8 +103,7 @@ def _unknown_key_message(argv):
     spec = _config_spec(argv) or _default_config
     path, _, arg = str(spec).partition(":")
     try:
-        values = config_flags.config_flags._LoadConfigModule(
-            "config_for_errors", path).get_config(*([arg] if arg else []))
+        values = _load_config(path, arg)
     except Exception:  # pylint: disable=broad-except
         return None  # the config itself fails: let its own error show
     for item in argv[1:]:
@@ -122,6 +122,15 @@ def _unknown_key_message(argv):
                         f"{', '.join(keys) or '(none: not a section)'}.")
             node = node[part]
     return None
+
+
+def _load_config(path, arg):
+    """`get_config(arg)` of the config file at `path`, loaded as
+    config_flags loads it (a module from a file path)."""
+    spec = importlib.util.spec_from_file_location("config_for_errors", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(*([arg] if arg else []))
 
 
 def _config_spec(argv):

@@ -1,7 +1,9 @@
-"""Input pipelines: embedded default data and TFDS datasets.
+"""Input pipelines by name: embedded default data and TFDS datasets.
 
 `load(data_config, split, batch_size, train=...)` reads `config.data` of a
-training config and returns `(dataset, num_examples)`:
+training config and returns `(dataset, num_examples)`. Each pipeline
+registers itself (`topk_sparse.registry.register_dataset`) where it is
+defined:
 
 - images (`topk_sparse.data.images`): `"digits"` (ships with scikit-learn),
   `"cifar10"`, `"imagenet2012"` (TFDS, prepared beforehand, never
@@ -12,9 +14,14 @@ training config and returns `(dataset, num_examples)`:
   batches of `(inputs, targets, weights)` for T5.
 """
 
-from topk_sparse.data import images, text
+from topk_sparse import registry
+from topk_sparse.data import images, text  # noqa: F401 (they register)
 
-DATASETS = (*images.DATASETS, "synthetic", "c4", "wmt")
+
+def _entry(data_config):
+    kwargs = dict(data_config)
+    name = kwargs.pop("name")
+    return registry.lookup(registry.DATASETS, name, "dataset"), kwargs
 
 
 def load(data_config, split, batch_size, *, train, seed=0):
@@ -30,25 +37,12 @@ def load(data_config, split, batch_size, *, train, seed=0):
       seed: int. Seed of shuffling, augmentation, label noise and synthetic
         examples.
     """
-    kwargs = dict(data_config)
-    name = kwargs.pop("name")
-    if name == "synthetic":
-        return text.load_synthetic(split, batch_size, train=train, seed=seed,
-                                   **kwargs)
-    if name == "c4":
-        return text.load_c4(split, batch_size, train=train, seed=seed,
-                            **kwargs)
-    if name == "wmt":
-        return text.load_translation(split, batch_size, train=train,
-                                     seed=seed, **kwargs)
-    if name in images.DATASETS:
-        return images.load(name, split, batch_size, train=train, seed=seed,
-                           **kwargs)
-    raise ValueError(f"Unknown dataset {name!r}: choose one of {DATASETS}.")
+    entry, kwargs = _entry(data_config)
+    return entry.load(split, batch_size, train=train, seed=seed, **kwargs)
 
 
-def vocab_size(data_config):
-    """Token ids the model must embed for a text `config.data`."""
-    if data_config.name in ("c4", "wmt"):
-        return text.BYTE_VOCAB_SIZE
-    return data_config.vocab_size
+def features(data_config):
+    """What a model must know of `config.data`'s dataset: `num_classes`
+    (images) or `vocab_size` (text)."""
+    entry, kwargs = _entry(data_config)
+    return entry.features(kwargs)

@@ -26,12 +26,14 @@ outputs are not quantized; JPEG goes through TF's libjpeg, not PIL.
 import numpy as np
 import tensorflow as tf
 
+from topk_sparse import checks
+
 SEVERITIES = (1, 2, 3, 4, 5)
 """The benchmark's severity levels."""
 
 # TFDS spells two corruptions differently from arXiv 1903.12261.
-_TFDS_ALIASES = {"glass_blur": "frosted_glass_blur",
-                 "elastic_transform": "elastic"}
+TFDS_ALIASES = {"glass_blur": "frosted_glass_blur",
+                "elastic_transform": "elastic"}
 
 TFDS_CORRUPTIONS = (
     "brightness", "contrast", "defocus_blur", "elastic", "fog", "frost",
@@ -48,12 +50,11 @@ BENCHMARK_CORRUPTIONS = (
 arXiv 1903.12261), by their TFDS names; the other four are its extras."""
 
 
-def _check_severity(severity):
-    if isinstance(severity, bool) or not isinstance(
-            severity, (int, np.integer)) or not 1 <= severity <= 5:
-        raise ValueError(
-            f"severity must be an int from 1 to 5, got {severity!r}.")
-    return int(severity)
+def check_severity(severity):
+    """Returns `severity` as an int if it is one of `SEVERITIES`, else
+    raises."""
+    return checks.int_in_range(severity, "severity", SEVERITIES[0],
+                               SEVERITIES[-1])
 
 
 def _check_images(images):
@@ -99,7 +100,7 @@ def _corruption(**table):
     def decorate(fn):
         def apply(images, severity, seed=0):
             images = _check_images(images)
-            severity = _check_severity(severity)
+            severity = check_severity(severity)
             seed = _stateless_seed(seed)
             x = tf.cast(images, tf.float32)
             out = fn(x, values[severity - 1], seed)
@@ -352,21 +353,18 @@ def load_cifar10_corrupted(corruption, severity, batch_size, data_dir=None,
     """
     from topk_sparse.data import images
 
-    tfds_name = _TFDS_ALIASES.get(corruption, corruption)
+    tfds_name = TFDS_ALIASES.get(corruption, corruption)
     if tfds_name not in TFDS_CORRUPTIONS:
         raise ValueError(
             f"Unknown CIFAR-10-C corruption {corruption!r}: choose one of "
-            f"{TFDS_CORRUPTIONS} (or {tuple(_TFDS_ALIASES)}).")
-    severity = _check_severity(severity)
-    if isinstance(batch_size, bool) or not isinstance(
-            batch_size, (int, np.integer)) or batch_size < 1:
-        raise ValueError(
-            f"batch_size must be a positive int, got {batch_size!r}.")
+            f"{TFDS_CORRUPTIONS} (or {tuple(TFDS_ALIASES)}).")
+    severity = check_severity(severity)
+    batch_size = checks.positive_int(batch_size, "batch_size")
     builder = images.prepared_builder(
         f"cifar10_corrupted/{tfds_name}_{severity}", data_dir)
     ds = builder.as_dataset(split="test", shuffle_files=False)
     num_examples = int(ds.cardinality())
-    preprocess = images._cifar_preprocess(image_size, False, 0)
+    preprocess = images.cifar_preprocess(image_size, False, 0)
     ds = ds.map(lambda ex: (preprocess(ex["image"]),
                             tf.cast(ex["label"], tf.int32)),
                 num_parallel_calls=tf.data.AUTOTUNE)

@@ -19,8 +19,12 @@ uniformly over all classes, fixed per example across epochs. Evaluation
 splits keep every example (the last batch may be smaller).
 """
 
+import functools
+
 import numpy as np
 import tensorflow as tf
+
+from topk_sparse import registry
 
 NUM_CLASSES = {"digits": 10, "cifar10": 10, "imagenet2012": 1000}
 """Classes per dataset name."""
@@ -129,7 +133,7 @@ def _tfds(name, split, image_size, data_dir, train, seed, shuffle_buffer):
     if train:
         ds = ds.shuffle(shuffle_buffer, seed=seed,
                         reshuffle_each_iteration=True)
-    preprocess = (_imagenet_preprocess if decode else _cifar_preprocess)(
+    preprocess = (_imagenet_preprocess if decode else cifar_preprocess)(
         image_size, train, seed)
     ds = ds.map(
         lambda ex: (preprocess(ex["image"]), tf.cast(ex["label"], tf.int32),
@@ -158,7 +162,9 @@ def prepared_builder(name, data_dir=None):
     return builder
 
 
-def _cifar_preprocess(image_size, train, seed):
+def cifar_preprocess(image_size, train, seed):
+    """`image -> float32 [0, 1]`, resized to `image_size` if given; in
+    training, a seeded random horizontal flip. Shared with CIFAR-10-C."""
     def preprocess(image):
         image = tf.image.convert_image_dtype(image, tf.float32)
         if train:
@@ -209,3 +215,9 @@ def _label_noise_fn(num_classes, fraction, seed):
         label = tf.where(draw[0] < fraction, noisy, label)
         return image, label, example_id
     return apply
+
+
+for _name, _classes in NUM_CLASSES.items():
+    registry.register_dataset(
+        _name, functools.partial(load, _name),
+        features=lambda kwargs, classes=_classes: {"num_classes": classes})

@@ -29,6 +29,7 @@ error naming it and the data_dir searched (`images.prepared_builder`).
 
 import tensorflow as tf
 
+from topk_sparse import registry
 from topk_sparse.data.images import prepared_builder
 
 PAD_ID = 0
@@ -37,6 +38,7 @@ DECODER_START_ID = PAD_ID
 FIRST_CONTENT_ID = 2
 
 SYNTHETIC_TASKS = ("sort", "reverse", "copy")
+SYNTHETIC_VOCAB_SIZE = 32
 
 # Bytes: ids 3..258, as in ByT5 (0 pad, 1 EOS, 2 unknown), then sentinels.
 BYTE_OFFSET = 3
@@ -44,7 +46,8 @@ NUM_SENTINELS = 100
 BYTE_VOCAB_SIZE = BYTE_OFFSET + 256 + NUM_SENTINELS
 
 
-def load_synthetic(split, batch_size, *, train, task="sort", vocab_size=32,
+def load_synthetic(split, batch_size, *, train, task="sort",
+                   vocab_size=SYNTHETIC_VOCAB_SIZE,
                    min_length=4, max_length=12, num_eval_examples=512,
                    seed=0):
     """The synthetic seq2seq task as a batched `tf.data.Dataset`.
@@ -371,3 +374,11 @@ def load_translation(split, batch_size, *, train,
     ds = ds.batch(batch_size, drop_remainder=train)
     return ds.prefetch(tf.data.AUTOTUNE), (
         num_examples if num_examples >= 0 else None)
+
+
+registry.register_dataset(
+    "synthetic", load_synthetic, features=lambda kwargs: {
+        "vocab_size": kwargs.get("vocab_size", SYNTHETIC_VOCAB_SIZE)})
+for _name, _load in (("c4", load_c4), ("wmt", load_translation)):
+    registry.register_dataset(
+        _name, _load, features=lambda kwargs: {"vocab_size": BYTE_VOCAB_SIZE})

@@ -1,9 +1,11 @@
 """ViT and T5 built from one Transformer block with a Top-k sparse MLP.
 
-`model.sparse_mlps()` names every MLP by path: `"encoder/block_<i>/mlp"`
-(ViT, T5 encoder) and `"decoder/block_<i>/mlp"` (T5 decoder). The layer
-itself is named like the path with "_" for "/" (Keras layer names cannot
-hold "/"), so its `fit` log key is `encoder_block_<i>_mlp/nonzero_fraction`.
+`model.sparse_mlps()` names every MLP by its layer name:
+`"encoder_block_<i>_mlp"` (ViT, T5 encoder) and `"decoder_block_<i>_mlp"`
+(T5 decoder), the name of its `fit` log key
+(`encoder_block_<i>_mlp/nonzero_fraction`), TensorBoard tags and report
+entries. Importing this package registers `"vit"` and `"t5"` with the
+trainer (`topk_sparse.registry`).
 """
 
 from topk_sparse.models.t5 import (T5, T5_VARIANTS, RelativePositionBias,

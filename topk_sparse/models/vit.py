@@ -10,6 +10,7 @@ paper's ViT, arXiv 2210.06313) rather than the original GELU, so that
 import keras
 import tensorflow as tf
 
+from topk_sparse import checks, evaluation, registry
 from topk_sparse.models.transformer import TransformerBlock
 
 # ViT-B and ViT-L: Dosovitskiy et al., arXiv 2010.11929, Table 1 ("Hidden
@@ -52,10 +53,8 @@ def resolve_variant(table, variant, model, **explicit):
         raise ValueError(
             f"{model} needs a variant (one of {sorted(table)}) or all of "
             f"{list(explicit)}; missing {missing}.")
-    for name, value in resolved.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise ValueError(f"{name} must be a positive int, got {value!r}.")
-    return resolved
+    return {name: checks.positive_int(value, name)
+            for name, value in resolved.items()}
 
 
 @keras.saving.register_keras_serializable(package="topk_sparse")
@@ -216,10 +215,10 @@ class ViT(keras.Model):
         self.dropout_rate = dropout_rate
 
     def sparse_mlps(self):
-        """Every `SparseMLP` by path, `{"encoder/block_<i>/mlp": layer}`, in
-        depth order. The layer is named like its path with "_" for "/"."""
-        return {f"encoder/block_{i}/mlp": block.mlp
-                for i, block in enumerate(self.blocks)}
+        """Every `SparseMLP` by name, `{"encoder_block_<i>_mlp": layer}`, in
+        depth order: the name of its `fit` log keys, TensorBoard tags and
+        report entries."""
+        return {block.mlp.name: block.mlp for block in self.blocks}
 
     def get_config(self):
         return {
@@ -246,3 +245,16 @@ class ViT(keras.Model):
     @classmethod
     def from_config(cls, config):
         return cls(**config)
+
+
+def _build(kwargs, data):
+    """A ViT sized by its data: `(images, labels)` batches."""
+    _, height, _, channels = data.element_spec[0].shape
+    return ViT(**kwargs, image_size=height, channels=channels,
+               num_classes=data.features["num_classes"])
+
+
+registry.register_model(
+    "vit", build=_build, metrics=evaluation.classifier_metrics,
+    evaluators=("calibration", "corruptions", "cifar10_corrupted",
+                "two_stage"))

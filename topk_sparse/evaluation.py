@@ -1,0 +1,187 @@
+"""Evaluations a training run can add, and the metrics of each kind of model.
+
+Each evaluator is registered by name (`topk_sparse.registry`); a model lists
+the ones that apply to it, and `training.train` runs those the config asks
+for (asking for one the model does not list is an error before training):
+
+- `"calibration"`: classifiers; `CalibrationCallback` during `fit` (ECE,
+  NLL, Brier score, reliability diagram), every `config.eval.every_epochs`.
+- `"corruptions"`: image classifiers; accuracy and ECE under
+  `config.eval.corruptions` at `config.eval.severities`, computed on the
+  fly (the paper's Table 1 robustness columns).
+- `"cifar10_corrupted"`: the same on TFDS CIFAR-10-C,
+  `config.eval.cifar10_corrupted`.
+- `"exact_match"`: seq2seq models with `generate`; greedy decoding of
+  `config.eval.generate_examples` examples.
+- `"two_stage"`: any model with Top-k MLPs; two-stage scoring calibrated
+  after training (`config.eval.two_stage`), its recall and output cosine.
+
+An evaluator's `run` argument is a `training.Run`.
+"""
+
+import os
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from topk_sparse import calibration, callbacks, checks, registry, robustness
+from topk_sparse import scoring
+from topk_sparse.data import corruptions as corruptions_lib
+
+# Bins of the expected calibration error, as in the paper's Table 1 (15, the
+# common default: the paper does not publish its count).
+NUM_BINS = 15
+
+
+def classifier_metrics():
+    """`compile` metrics of a classifier. The loss is the negative
+    log-likelihood: no metric repeats it."""
+    return {"metrics": [
+        keras.metrics.SparseCategoricalAccuracy(name="accuracy"),
+        calibration.ExpectedCalibrationError(num_bins=NUM_BINS,
+                                             from_logits=True),
+        calibration.BrierScore(from_logits=True)]}
+
+
+def token_metrics():
+    """`compile` metrics of a sequence model whose batches carry per-token
+    weights (0 on padding), which only `weighted_metrics` apply."""
+    return {"weighted_metrics": [keras.metrics.SparseCategoricalAccuracy(
+        name="token_accuracy")]}
+
+
+def exact_match(model, dataset, num_examples):
+    """Share of examples whose greedy decoding equals the target sequence.
+
+    Decodes about `num_examples` examples of `dataset` (whole batches of
+    `({"encoder_tokens": ...}, targets, weights)`) with `model.generate` for
+    as many tokens as the targets have; positions where `weights` is 0
+    (after EOS) do not count.
+    """
+    # One traced graph for all batches instead of eager decoding steps.
+    generate = tf.function(model.generate)
+    correct = total = 0
+    for inputs, targets, weights in dataset:
+        if total >= num_examples:
+            break
+        predicted = np.asarray(generate(
+            inputs["encoder_tokens"], max_length=targets.shape[1]))
+        wrong = (predicted[:, :targets.shape[1]] != targets.numpy()) \
+            & (weights.numpy() > 0)
+        correct += int(np.sum(~wrong.any(axis=1)))
+        total += len(targets)
+    return correct / max(total, 1)
+
+
+def _log_dir(run, name):
+    return os.path.join(run.workdir, "tensorboard", name)
+
+
+def _corruption_lines(name):
+    def describe(report):
+        if name not in report:
+            return []
+        return [f"{name}: accuracy / expected calibration error (%) by "
+                f"corruption and severity",
+                *("  " + line for line in
+                  robustness.format_table(report[name]).splitlines())]
+    return describe
+
+
+def _write_corruptions(run, name, result):
+    robustness.write_summaries(result, _log_dir(run, name), run.step())
+    return {name: result}
+
+
+registry.register_evaluator(
+    "calibration",  # no key: runs for every classifier that validates
+    requested=lambda config: bool(config.eval.every_epochs),
+    callbacks=lambda run: [callbacks.CalibrationCallback(
+        _log_dir(run, "calibration"), run.eval_data, num_bins=NUM_BINS,
+        freq=run.config.eval.every_epochs)])
+
+registry.register_evaluator(
+    "corruptions", key="eval.corruptions",
+    requested=lambda config: bool(config.eval.get("corruptions")),
+    check=lambda run: robustness.check_arguments(
+        tuple(run.config.eval.corruptions), run.config.eval.severities),
+    evaluate=lambda run: _write_corruptions(
+        run, "robustness", robustness.evaluate_corruptions(
+            run.model, run.eval_data, tuple(run.config.eval.corruptions),
+            run.config.eval.severities, num_bins=NUM_BINS,
+            seed=run.config.seed)),
+    describe=_corruption_lines("robustness"))
+
+registry.register_evaluator(
+    "cifar10_corrupted", key="eval.cifar10_corrupted",
+    requested=lambda config: bool(config.eval.get("cifar10_corrupted")),
+    evaluate=lambda run: _write_corruptions(
+        run, "cifar10_corrupted", robustness.evaluate_cifar10_c(
+            run.model, run.config.eval.batch_size,
+            data_dir=run.config.data.get("data_dir"),
+            corruptions=corruptions_lib.BENCHMARK_CORRUPTIONS,
+            severities=run.config.eval.severities, num_bins=NUM_BINS,
+            image_size=run.config.data.get("image_size"))),
+    describe=_corruption_lines("cifar10_corrupted"))
+
+registry.register_evaluator(
+    "exact_match", key="eval.generate_examples",
+    requested=lambda config: bool(config.eval.get("generate_examples")),
+    check=lambda run: checks.positive_int(
+        run.config.eval.generate_examples, "config.eval.generate_examples"),
+    evaluate=lambda run: {"eval": {"exact_match": exact_match(
+        run.model, run.eval_data, run.config.eval.generate_examples)}})
+
+
+def _check_two_stage(run):
+    two_stage = run.config.eval.two_stage
+    mlps = run.model.sparse_mlps()
+    if not mlps or any(mlp.k is None for mlp in mlps.values()):
+        raise ValueError(
+            f"config.eval.two_stage.rank={two_stage.rank} needs Top-k MLPs: "
+            f"set config.model.k, or rank 0 for the dense model.")
+    for mlp in mlps.values():
+        scoring.check(mlp, two_stage.rank, two_stage.candidates)
+    checks.positive_int(two_stage.examples, "config.eval.two_stage.examples")
+
+
+def _measure_two_stage(run):
+    """Calibrates two-stage scoring on training examples, measures it on
+    test examples (`scoring.calibrate`); writes the means to TensorBoard.
+
+    Returns `{"two_stage": {"rank", "candidates", "recall", "cosine",
+    "layers": {mlp path: {"recall", "cosine"}}}}`, recall and cosine
+    averaged over MLPs.
+    """
+    two_stage = run.config.eval.two_stage
+
+    def examples(dataset):  # one batch of model inputs, labels dropped
+        return dataset.unbatch().take(two_stage.examples).batch(
+            two_stage.examples).map(lambda inputs, *labels: inputs)
+
+    layers = scoring.calibrate(
+        run.model, examples(run.train_data), two_stage.rank,
+        two_stage.candidates, held_out=examples(run.eval_data))
+    mlp = next(iter(run.model.sparse_mlps().values()))
+    result = {"rank": two_stage.rank, "candidates": mlp.scorer.candidates,
+              **{name: float(np.mean([m[name] for m in layers.values()]))
+                 for name in ("recall", "cosine")},
+              "layers": layers}
+    writer = tf.summary.create_file_writer(_log_dir(run, "two_stage"))
+    with writer.as_default(step=run.step()):
+        for name in ("recall", "cosine"):
+            tf.summary.scalar(f"two_stage/{name}", result[name])
+    writer.close()
+    return {"two_stage": result}
+
+
+registry.register_evaluator(
+    "two_stage", key="eval.two_stage.rank",
+    requested=lambda config: bool(config.eval.two_stage.rank),
+    check=_check_two_stage, evaluate=_measure_two_stage,
+    describe=lambda report: [
+        f"two-stage scoring (rank {r['rank']}, {r['candidates']} "
+        f"candidates), mean over MLPs on test tokens: recall of the exact "
+        f"top-k {r['recall']:.4f}, output cosine {r['cosine']:.4f}"
+        for r in [report.get("two_stage")] if r])
