@@ -40,7 +40,17 @@ setup(
         **TENSORFLOW,
         # scipy and Pillow: references the corruption tests compare with.
         "test": ["pytest>=8", "hypothesis>=6.100", "scipy>=1.10",
-                 "pillow>=10"],
+                 "pillow>=10",
+                 # XLA's own approx_max_k bin count (tests/test_ops.py).
+                 "jax[cpu]>=0.4.30"],
+        # Integrations (topk_sparse/integrations). Both pull the `tensorflow`
+        # package itself: install them WITHOUT `cpu`/`gpu`/`tpu`, or a
+        # second TensorFlow lands in the same folder (tensorflow and
+        # tensorflow-cpu) or TensorFlow 2.21 replaces 2.20.
+        "garden": ["tf-models-official==2.20.0", "tf-keras~=2.20.0"],
+        # tensorflow-text (a keras-hub requirement) pinned to 2.20, else
+        # it brings TensorFlow 2.21.
+        "hub": ["keras-hub>=0.23", "tensorflow-text~=2.20.0"],
     },
     license="Apache-2.0",
 )

@@ -22,6 +22,32 @@ fewer than `k` are positive). `"statistical"` instead keeps what exceeds a
 per-row cutoff estimated from the row's mean and standard deviation: about
 `k` entries, in linear time and without a sort.
 
+NaN policy: NaN in, NaN out, per token. A row (token) whose input holds a
+NaN keeps `k` NaN activations, at positions `0..k-1`, for every method:
+`topk_indices` and `topk_activations` return `k` NaN values there, and
+`topk_mask` is NaN there (for `"statistical"`, whose cutoff is then NaN,
+across the whole row), else 0, or NaN where the input was NaN. So the
+token's MLP output is NaN on the masked and the gathered path alike and a
+loss over it is NaN, while every other row is exactly what it is without
+that row. `"statistical"` treats a row holding an infinity the same way
+(its cutoff is NaN too). The sparsity metrics (`topk_sparse.sparsity`)
+skip such tokens. Before this policy, `top_k`'s ranking of NaNs decided
+what a NaN row kept, and it differs by backend (TensorFlow's kernel ranks
+a NaN arbitrarily and can drop it, XLA ranks +NaN first and -NaN last): a
+NaN row kept its NaNs in place of its largest values, or lost them
+silently on the gathered path.
+
+Why NaN at `k` positions and not the whole row: the NaN goes into the `k`
+mask updates per row, so `"exact"` and `"approx"` add no elementwise op
+over `[rows, n]`, only the test: one row sum of the ReLU output, read
+without a write (NaN exactly when an entry is NaN, the others being >= 0
+or +inf; `top_k`'s outputs cannot tell). 2048 x 3072, k=128, 2
+CPU cores, interleaved with the code before: `topk_mask` `"exact"` 0.95x
+to 1.03x its old time in `tf.function` and under XLA (noise: the sum
+is 1-2 ms of 80-230 ms); a whole-row NaN measured 1.4x in `tf.function`.
+`"statistical"` reads the flag off its cutoff, and its whole-row NaN adds
+one `[rows, n]` add outside XLA (1.10x-1.15x, 2-4 ms), none under XLA.
+
 Why indices and not a value threshold: under `jit_compile=True` on CPU, XLA
 rewrites a `top_k` whose indices are unused into a full sort of the row, and a
 threshold-mask train step then costs 3.2x the dense step (2048 x 768 -> 3072,
@@ -32,7 +58,10 @@ measured here); with the indices consumed it stays XLA's `TopK` kernel
 import math
 import statistics
 
+import numpy as np
 import tensorflow as tf
+
+from topk_sparse import checks
 
 METHODS = ("auto", "exact", "approx", "statistical")
 """Top-k methods. `"exact"`: `tf.math.top_k`. `"approx"`: TPU-KNN's binned
@@ -50,12 +79,11 @@ _TPU_CHUNK_TILING = 1024
 
 
 def validate_k(k, size=None):
-    """Returns `k` if it is a positive int no larger than `size`, else raises."""
-    if isinstance(k, bool) or not isinstance(k, int) or k <= 0:
-        raise ValueError(
-            f"k must be a positive int (the number of activations kept per "
-            f"token), got {k!r}."
-        )
+    """`k` as a Python int if it is an integral number (`int`, `np.int64`,
+    a 0-d integer array; not a bool or a float) in `[1, size]`, else
+    raises `ValueError`."""
+    k = checks.positive_int(
+        k, "k (the number of activations kept per token)")
     if size is not None and k > size:
         raise ValueError(
             f"k={k} is larger than the dimension it selects from ({size}): "
@@ -97,12 +125,16 @@ def resolve_method(method):
 def approx_bin_count(n, k, recall_target=0.95, rank=2):
     """Number of bins `L` that TPU-KNN reduces `n` inputs to before top-k.
 
-    The formula of XLA's `ApproxTopKReductionOutputSize`
-    (xla/client/lib/approx_topk_shape.cc, aggregate_to_topk=False): keeping
-    the maximum of each of `L` bins keeps each of the top `k` with
-    probability at least `((L-1)/L)^(k-1)`, so `L ~ (1-k)/ln(recall_target)`,
-    rounded to TPU tiles and to a power-of-two reduction. `L == n` means the
-    reduction is exact.
+    XLA's `ApproxTopKReductionOutputSize` (xla/client/lib/approx_topk_shape.cc,
+    aggregate_to_topk=False), reproduced value for value: keeping the
+    maximum of each of `L` bins keeps each of the top `k` with probability at
+    least `((L-1)/L)^(k-1)`, so `L ~ (1-k)/ln(recall_target)`, rounded to TPU
+    tiles and to a power-of-two reduction. `L == n` means the reduction is
+    exact. XLA takes `recall_target` as a C++ `float`: it is rounded to
+    float32 here too before the `== 1` test and the logarithm (in double), or
+    `L` differs where the estimate lands on a power-of-two boundary (n=3996,
+    k=3, recall_target=0.999: float64 gives 2048, XLA 3996).
+    `tests/test_ops.py` checks this against `jax.lax.approx_max_k`.
 
     Args:
       n: int. Size of the reduced (last) dimension.
@@ -111,10 +143,19 @@ def approx_bin_count(n, k, recall_target=0.95, rank=2):
       rank: int. Rank of the operand (rank 1 uses larger tiles).
 
     Returns:
-      int. The bin count `L`, with `k <= L <= n`.
+      int. The bin count `L <= n`. XLA's formula can give `L < k` (fewer
+      bins than entries kept) when `recall_target` is below about `1/e`;
+      the portable binned path is then exact.
     """
-    validate_k(k, n)
+    n = checks.positive_int(n, "n")
+    k = validate_k(k, n)
     recall_target = validate_recall_target(recall_target)
+    # XLA's C++ signature reads `float recall_target`.
+    recall_target = float(np.float32(recall_target))
+    if recall_target <= 0.0:
+        raise ValueError(
+            "recall_target rounds to 0 in float32, the precision in which "
+            "XLA reads it: choose a larger recall_target.")
     tiling = _TPU_CHUNK_TILING if rank == 1 else _TPU_LANE_TILING
     if n <= tiling:
         return n
@@ -122,6 +163,7 @@ def approx_bin_count(n, k, recall_target=0.95, rank=2):
         return tiling
     if recall_target == 1.0:
         return n
+    # C++ truncates the double quotient to uint64, as int() does.
     m = min(max(int((1.0 - k) / math.log(recall_target)), tiling), n)
     log2_reduction = (n // m).bit_length() - 1
     if log2_reduction <= 0:
@@ -138,22 +180,48 @@ def _log2_ceil(value):
     return 0 if value <= 1 else (value - 1).bit_length()
 
 
-def expected_recall(n, k, recall_target=0.95):
-    """Expected recall of the binned top-k with random bin assignment.
+def expected_recall(n, k, recall_target=0.95, rank=2):
+    """Expected recall of the portable binned top-k (`_binned_top_k`).
 
-    Each of the true top `k` is lost only when a larger one of them shares its
-    bin; averaged over ranks this is `1 - (k-1)/(2L)` to first order. XLA's
-    `((L-1)/L)^(k-1)` is the survival chance of the k-th item alone: a lower
-    bound.
+    The top `k` of a row with iid entries sit at a uniformly random
+    `k`-subset of the `n` positions. The binned top-k puts position `i` in
+    bin `i mod L` (so bin `b` holds `s_b` positions, `ceil(n/L)` or one
+    fewer) and keeps the maxima of the `k` bins with the largest maxima:
+    a bin holding any of the top `k` has one of them as its maximum, and
+    those maxima outrank every other bin's. So it keeps exactly one of the
+    top `k` per bin that holds any, and
+
+        E[recall] = (1/k) sum_b [1 - C(n - s_b, k) / C(n, k)]
+
+    (hypergeometric: `C(n - s_b, k) / C(n, k)` is the chance that bin `b`
+    holds none of them). Computed exactly in integers. The model of
+    independent uniform bins, `(L/k)(1 - (1 - 1/L)^k)`, under-estimates it
+    (by 0.037 at n=3072, k=256, recall_target=0.8), and XLA's
+    `((L-1)/L)^(k-1)` is a lower bound on both. Inputs with structure
+    (hot neurons sharing a bin) can fall below it.
+
+    Args:
+      n, k, recall_target, rank: as for `approx_bin_count`.
+
+    Returns:
+      float in (0, 1]; 1.0 when the binned path is exact (`L >= n`, or
+      `L < k`).
     """
-    bins = approx_bin_count(n, k, recall_target)
-    if bins >= n:
+    bins = approx_bin_count(n, k, recall_target, rank)
+    n, k = int(n), int(k)
+    if bins >= n or bins < k:
         return 1.0
-    # Item of rank j survives iff none of the j-1 larger items is in its bin.
-    return sum(((bins - 1) / bins) ** j for j in range(k)) / k
+    size = _ceil_div(n, bins)  # positions in each of the first `full` bins
+    full = n - (size - 1) * bins
+    missed = (full * math.comb(n - size, k)
+              + (bins - full) * math.comb(n - size + 1, k))
+    # Python divides the integers with one correct rounding.
+    return (bins - missed / math.comb(n, k)) / k
 
 
 def _check_operand(x, k):
+    """`(x, k)`: `x` as a float tensor with a known last dimension, `k` as a
+    Python int in `[1, x.shape[-1]]`; else raises."""
     x = tf.convert_to_tensor(x)
     if x.dtype not in FLOAT_DTYPES:
         raise TypeError(
@@ -171,8 +239,7 @@ def _check_operand(x, k):
             f"Top-k selects along the last axis, whose size must be known "
             f"when the graph is built; got shape {x.shape}."
         )
-    validate_k(k, size)
-    return x
+    return x, validate_k(k, size)
 
 
 def topk_indices(x, k, method="auto", recall_target=0.95):
@@ -188,28 +255,60 @@ def topk_indices(x, k, method="auto", recall_target=0.95):
 
     Returns:
       `(values, indices)`, each `[..., k]`; values sorted descending, indices
-      int32. No gradient flows through this selection: callers multiply by a
-      mask (see `topk_mask`) or gather (see `sparse_mlp_product`) instead,
-      which also avoids `approx_max_k`'s registered gradient, which fails on
-      unknown (None) dimensions.
+      int32. A row holding a NaN gets NaN values at indices `0..k-1` (the
+      module's NaN policy). No gradient flows through this selection:
+      callers multiply by a mask (see `topk_mask`) or gather (see
+      `sparse_mlp_product`) instead, which also avoids `approx_max_k`'s
+      registered gradient, which fails on unknown (None) dimensions.
     """
-    x = tf.stop_gradient(_check_operand(x, k))
+    x, k = _check_operand(x, k)
+    x = tf.stop_gradient(x)
+    method = _index_method(method, recall_target)
+    # Any sign of input: an exact test, off the layers' hot path.
+    nan_rows = tf.reduce_any(tf.math.is_nan(x), axis=-1, keepdims=True)
+    return _select(x, k, method, recall_target, nan_rows)
+
+
+def _index_method(method, recall_target):
+    """The method that selects indices here; raises for bad arguments."""
     validate_recall_target(recall_target)
     method = resolve_method(method)
     if method == "statistical":
         raise ValueError(
             'method="statistical" keeps entries above a cutoff, not k '
             'indices: use topk_mask or topk_activations.')
+    return method
+
+
+def _nan_rows(activations):
+    """`[..., 1]` bool: the rows of post-ReLU `activations` that hold a NaN.
+
+    One row sum and no `[..., n]` temporary: a sum of entries that are
+    >= 0 or +inf is NaN exactly when one of them is NaN (whatever the
+    summation order), which `top_k`'s ranking of NaNs cannot tell."""
+    return tf.math.is_nan(
+        tf.reduce_sum(activations, axis=-1, keepdims=True))
+
+
+def _select(x, k, method, recall_target, nan_rows):
+    """`topk_indices` of the operand `x` (checked, without gradient), with
+    the rows flagged in `nan_rows` (`[..., 1]`) set to NaN values at
+    indices `0..k-1`: `[..., k]`-sized selects only."""
     if method == "exact":
-        return tf.math.top_k(x, k, sorted=True)
-    if on_tpu():
+        values, indices = tf.math.top_k(x, k, sorted=True)
+    elif on_tpu():
         if x.dtype == tf.float64:
             raise TypeError(
                 "tf.math.approx_max_k supports float16, bfloat16 and float32 "
                 "only: cast the float64 input to float32."
             )
-        return tf.math.approx_max_k(x, k, recall_target=recall_target)
-    return _binned_top_k(x, k, recall_target)
+        values, indices = tf.math.approx_max_k(
+            x, k, recall_target=recall_target)
+    else:
+        values, indices = _binned_top_k(x, k, recall_target)
+    values = tf.where(nan_rows, tf.constant(math.nan, values.dtype), values)
+    indices = tf.where(nan_rows, tf.range(k, dtype=indices.dtype), indices)
+    return values, indices
 
 
 def _binned_top_k(x, k, recall_target):
@@ -217,18 +316,22 @@ def _binned_top_k(x, k, recall_target):
 
     Entry `i` of a row falls in bin `i mod L` (strided bins, which meet the
     recall model of arXiv 2206.14286); the kept entries are the maxima of the
-    `k` bins with the largest maxima.
+    `k` bins with the largest maxima. Exact top-k when `L >= n`, and when
+    `L < k` (fewer bins than entries kept, `recall_target` below about
+    `1/e`).
     """
     n = x.shape[-1]
     bins = approx_bin_count(n, k, recall_target, rank=x.shape.rank)
-    if bins >= n:
+    if bins >= n or bins < k:
         return tf.math.top_k(x, k, sorted=True)
     groups = _ceil_div(n, bins)
     lead = tf.shape(x)[:-1]
     rows = tf.reshape(x, [-1, n])
     pad = groups * bins - n
     if pad:
-        rows = tf.pad(rows, [[0, 0], [0, pad]], constant_values=rows.dtype.min)
+        # -inf, so that a bin's argmax never lands on padding (ties go to
+        # the lower, real index, even for a bin of -inf entries).
+        rows = tf.pad(rows, [[0, 0], [0, pad]], constant_values=-math.inf)
     grid = tf.reshape(rows, [-1, groups, bins])
     bin_max = tf.reduce_max(grid, axis=1)
     bin_arg = tf.argmax(grid, axis=1, output_type=tf.int32)
@@ -241,6 +344,11 @@ def _binned_top_k(x, k, recall_target):
 
 def indices_to_mask(indices, n, dtype):
     """A `[..., n]` tensor of `dtype`: 1 at `indices` (`[..., k]`), else 0."""
+    return _scatter_rows(indices, tf.ones(tf.shape(indices), dtype), n)
+
+
+def _scatter_rows(indices, updates, n):
+    """A `[..., n]` tensor: `updates` (`[..., k]`) at `indices`, else 0."""
     k = indices.shape[-1]
     flat = tf.reshape(indices, [-1, k])
     num_rows = tf.shape(flat)[0]
@@ -248,7 +356,7 @@ def indices_to_mask(indices, n, dtype):
     coords = tf.stack([row_ids, flat], axis=-1)
     mask = tf.scatter_nd(
         tf.reshape(coords, [-1, 2]),
-        tf.ones([num_rows * k], dtype=dtype),
+        tf.reshape(updates, [-1]),
         tf.stack([num_rows, n]),
     )
     return tf.reshape(mask, tf.concat([tf.shape(indices)[:-1], [n]], axis=0))
@@ -260,7 +368,9 @@ def statistical_cutoff(x, k):
     `mean + std · Φ⁻¹(1 - k/n)` over the last axis: exact in expectation for
     Gaussian rows, which pre-activations of wide layers roughly are (Spark
     Transformer, arXiv 2506.06644). Linear time, no sort; moments in float32.
-    A row whose entries are all equal (std 0) keeps none of them.
+    A row whose entries are all equal (std 0) keeps none of them. A row
+    holding a NaN or an infinity (whose mean is not finite) gets a NaN
+    cutoff: the module's NaN policy.
 
     The mean square is one row-wise dot product (`einsum`), so that outside
     XLA the moments read the row twice instead of three times and write
@@ -274,20 +384,22 @@ def statistical_cutoff(x, k):
     Returns:
       float32 `[..., 1]`, without gradient.
     """
-    x = tf.stop_gradient(_check_operand(x, k))
+    x, k = _check_operand(x, k)
+    x = tf.cast(tf.stop_gradient(x), tf.float32)
     n = x.shape[-1]
-    if k == n:
-        return tf.fill(tf.concat([tf.shape(x)[:-1], [1]], 0), -math.inf)
-    z = statistics.NormalDist().inv_cdf(1.0 - k / n)
-    x = tf.cast(x, tf.float32)
     mean = tf.reduce_mean(x, axis=-1, keepdims=True)
+    # Set on `[..., 1]` from the mean, whatever NaN does to max and sqrt.
+    not_finite = tf.logical_not(tf.math.is_finite(mean))
+    if k == n:
+        return tf.where(not_finite, math.nan, -math.inf)
+    z = statistics.NormalDist().inv_cdf(1.0 - k / n)
     if _compiled_by_xla():
         variance = tf.reduce_mean(tf.math.squared_difference(x, mean),
                                   axis=-1, keepdims=True)
     else:
         mean_square = tf.einsum("...i,...i->...", x, x)[..., None] / n
         variance = tf.maximum(mean_square - tf.square(mean), 0.0)
-    return mean + z * tf.sqrt(variance)
+    return tf.where(not_finite, math.nan, mean + z * tf.sqrt(variance))
 
 
 def _compiled_by_xla():
@@ -304,10 +416,18 @@ def _compiled_by_xla():
 
 
 def _above_cutoff(x, k):
-    """ReLU, then zero what is not above the statistical cutoff."""
+    """`(kept, nan_rows)`: ReLU, then zero what is not above the statistical
+    cutoff; rows whose cutoff is NaN (`nan_rows`, `[..., 1]`) all NaN."""
+    cutoff = statistical_cutoff(x, k)
+    nan_rows = tf.math.is_nan(cutoff)
     # Compared in float32: a bfloat16 cutoff would shift the kept count.
-    cutoff = tf.maximum(statistical_cutoff(x, k), 0.0)
-    return x * tf.cast(tf.cast(x, tf.float32) > cutoff, x.dtype)
+    threshold = tf.where(nan_rows, math.inf, tf.maximum(cutoff, 0.0))
+    # 0 or NaN per row, added to the 0/1 mask: one `[..., n]` add outside
+    # XLA (a broadcasting select measured slower), fused under XLA.
+    fill = tf.where(nan_rows, tf.constant(math.nan, x.dtype),
+                    tf.zeros([], x.dtype))
+    mask = tf.cast(tf.cast(x, tf.float32) > threshold, x.dtype) + fill
+    return x * mask, nan_rows
 
 
 def topk_mask(x, k, method="auto", recall_target=0.95):
@@ -315,7 +435,8 @@ def topk_mask(x, k, method="auto", recall_target=0.95):
 
     The Top-k nonlinearity of arXiv 2210.06313. A row with fewer than `k`
     positive entries keeps only those. Gradients flow to the kept entries
-    only.
+    only. A row holding a NaN is NaN at the positions it keeps (see the
+    module's NaN policy); other rows are unaffected.
 
     Args:
       x: float tensor `[..., n]`, the pre-activations; leading dimensions may
@@ -332,12 +453,18 @@ def topk_mask(x, k, method="auto", recall_target=0.95):
     >>> topk_mask(tf.constant([[3.0, -1.0, 2.0, 5.0]]), k=2).numpy()
     array([[3., 0., 0., 5.]], dtype=float32)
     """
-    x = _check_operand(x, k)
+    x, k = _check_operand(x, k)
     if resolve_method(method) == "statistical":
-        return _above_cutoff(x, k)
+        return _above_cutoff(x, k)[0]
+    method = _index_method(method, recall_target)
     activations = tf.nn.relu(x)
-    _, indices = topk_indices(activations, k, method, recall_target)
-    return activations * indices_to_mask(indices, x.shape[-1], x.dtype)
+    selected = tf.stop_gradient(activations)
+    nan_rows = _nan_rows(selected)
+    _, indices = _select(selected, k, method, recall_target, nan_rows)
+    # 1 at the kept entries; NaN there in NaN rows (k updates, not n).
+    updates = tf.where(nan_rows, tf.constant(math.nan, x.dtype),
+                       tf.ones(tf.shape(indices), x.dtype))
+    return activations * _scatter_rows(indices, updates, x.shape[-1])
 
 
 def topk_activations(x, k, method="auto", recall_target=0.95):
@@ -345,15 +472,24 @@ def topk_activations(x, k, method="auto", recall_target=0.95):
 
     The input of `sparse_mlp_product`. Values are differentiable. For
     `"statistical"`, the `k` largest of the entries above the cutoff, zeros
-    where fewer pass it: equal to `topk_mask`'s when at most `k` pass.
+    where fewer pass it: equal to `topk_mask`'s when at most `k` pass. A row
+    holding a NaN gets NaN values at indices `0..k-1`, for every method.
     """
-    x = _check_operand(x, k)
+    x, k = _check_operand(x, k)
+    validate_recall_target(recall_target)
     if resolve_method(method) == "statistical":
-        activations, method = _above_cutoff(x, k), "exact"
+        activations, nan_rows = _above_cutoff(x, k)
+        method = "exact"
+        selected = tf.stop_gradient(activations)
     else:
+        method = _index_method(method, recall_target)
         activations = tf.nn.relu(x)
-    _, indices = topk_indices(activations, k, method, recall_target)
-    return tf.gather(activations, indices, batch_dims=-1), indices
+        selected = tf.stop_gradient(activations)
+        nan_rows = _nan_rows(selected)
+    _, indices = _select(selected, k, method, recall_target, nan_rows)
+    values = tf.gather(activations, indices, batch_dims=-1)
+    return tf.where(nan_rows, tf.constant(math.nan, values.dtype),
+                    values), indices
 
 
 def sparse_mlp_product(values, indices, kernel):

@@ -23,6 +23,15 @@ import numpy as np
 class NonzeroFraction(keras.metrics.Metric):
     """Running nonzero fraction of a layer's hidden activations.
 
+    NaN tokens are skipped: a token whose activations hold a NaN (under
+    `topk_sparse.ops`' NaN policy, a token whose input held one: its kept
+    activations are NaN) counts neither as a token nor as firing any
+    neuron, and is left out of the per-token distribution, so one NaN
+    token does not drag the fraction down or mark neurons dead. The NaN
+    itself surfaces in the layer's output and the loss. A token counts as
+    NaN when its activations sum to NaN: for post-ReLU activations (all
+    >= 0 or +inf), exactly when one of them is NaN.
+
     Args:
       mlp_dim: int. Size of the hidden dimension.
       name: str. Metric name (the key in `fit` logs).
@@ -53,32 +62,37 @@ class NonzeroFraction(keras.metrics.Metric):
             name="tokens_by_nonzero_count", aggregation="sum")
 
     def update_state(self, activations):
-        """Counts the positive entries of `activations` `[..., mlp_dim]`."""
-        fired = ops.reshape(activations, (-1, self.mlp_dim)) > 0
+        """Counts the positive entries of `activations` `[..., mlp_dim]`
+        (post-ReLU), NaN tokens skipped."""
+        activations = ops.reshape(activations, (-1, self.mlp_dim))
+        valid = _tokens_without_nan(activations)
+        fired = ops.logical_and(activations > 0, valid[:, None])
         self._accumulate(ops.sum(ops.cast(fired, self.dtype), axis=0),
-                         ops.sum(ops.cast(fired, "int32"), axis=1))
+                         ops.sum(ops.cast(fired, "int32"), axis=1), valid)
 
     def update_from_topk(self, values, indices):
         """Same as `update_state` from the kept `values`/`indices` `[..., k]`."""
         k = values.shape[-1]
-        fired = ops.reshape(values, (-1, k)) > 0
+        values = ops.reshape(values, (-1, k))
+        valid = _tokens_without_nan(values)
+        fired = ops.logical_and(values > 0, valid[:, None])
         per_neuron = ops.segment_sum(
             ops.reshape(ops.cast(fired, self.dtype), (-1,)),
             ops.reshape(indices, (-1,)), num_segments=self.mlp_dim)
         self._accumulate(per_neuron,
-                         ops.sum(ops.cast(fired, "int32"), axis=1))
+                         ops.sum(ops.cast(fired, "int32"), axis=1), valid)
 
-    def _accumulate(self, per_neuron, per_token):
+    def _accumulate(self, per_neuron, per_token, valid):
         """`per_neuron`: fire counts `[mlp_dim]`; `per_token`: int32 nonzero
-        counts `[tokens]`. Counts are float32 sums: exact up to 2^24 tokens
-        between resets."""
+        counts `[tokens]`; `valid`: bool `[tokens]`, False for NaN tokens
+        (which `per_neuron` and `per_token` already leave out). Counts are
+        float32 sums: exact up to 2^24 tokens between resets."""
+        valid = ops.cast(valid, self.dtype)
         self.neuron_fire_count.assign_add(per_neuron)
         self.nonzero_count.assign_add(ops.sum(per_neuron))
-        self.token_count.assign_add(
-            ops.cast(ops.shape(per_token)[0], self.dtype))
+        self.token_count.assign_add(ops.sum(valid))
         self.tokens_by_nonzero_count.assign_add(ops.segment_sum(
-            ops.ones_like(per_token, dtype=self.dtype), per_token,
-            num_segments=self.mlp_dim + 1))
+            valid, per_token, num_segments=self.mlp_dim + 1))
 
     def result(self):
         return ops.divide_no_nan(self.nonzero_count,
@@ -110,7 +124,9 @@ class TopKRecall(keras.metrics.Metric):
     given layer can fall short of it (hot neurons sharing a bin). Positive
     entries of the exact top-k count; ties go to the lower index, as in
     `tf.math.top_k`. Only the first `sample_tokens` tokens of each call are
-    checked, so the exact top-k it computes costs little.
+    checked, so the exact top-k it computes costs little. Tokens whose
+    pre-activations hold a NaN are skipped (no relevant entries), as in
+    `NonzeroFraction`.
 
     Args:
       k: int. Activations kept per token.
@@ -130,32 +146,36 @@ class TopKRecall(keras.metrics.Metric):
     def update_state(self, pre_activations, kept):
         """`pre_activations`: `[..., n]`, before ReLU; `kept`: `[..., n]`,
         nonzero where the approximate method kept the entry."""
-        values, indices = self._exact_topk(pre_activations)
+        values, indices, valid = self._exact_topk(pre_activations)
         self._accumulate(values, ops.take_along_axis(
-            self._sample(kept), indices, axis=-1) != 0)
+            self._sample(kept), indices, axis=-1) != 0, valid)
 
     def update_from_topk(self, pre_activations, kept_values, kept_indices):
         """Same as `update_state` from the kept `values`/`indices` `[..., k]`
         (the gathered path): no `[tokens, n]` mask is built."""
-        values, indices = self._exact_topk(pre_activations)
+        values, indices, valid = self._exact_topk(pre_activations)
         kept_values = self._sample(kept_values)
         kept_indices = self._sample(kept_indices)
         found = ops.logical_and(
             indices[:, :, None] == kept_indices[:, None, :],
             kept_values[:, None, :] > 0)
-        self._accumulate(values, ops.any(found, axis=-1))
+        self._accumulate(values, ops.any(found, axis=-1), valid)
 
     def _sample(self, x):
         """The first `sample_tokens` tokens of `x` `[..., m]`, as rows."""
         return ops.reshape(x, (-1, x.shape[-1]))[:self.sample_tokens]
 
     def _exact_topk(self, pre_activations):
-        return ops.top_k(ops.relu(self._sample(pre_activations)), self.k)
+        """`(values, indices, valid)` of the sampled tokens: their exact
+        top-k after ReLU, and False for the tokens that hold a NaN."""
+        activations = ops.relu(self._sample(pre_activations))
+        values, indices = ops.top_k(activations, self.k)
+        return values, indices, _tokens_without_nan(activations)
 
-    def _accumulate(self, exact_values, kept):
+    def _accumulate(self, exact_values, kept, valid):
         """`exact_values`: the exact top-k `[rows, k]`; `kept`: whether the
-        method kept each of them."""
-        relevant = exact_values > 0
+        method kept each of them; `valid`: `[rows]`, False for NaN tokens."""
+        relevant = ops.logical_and(exact_values > 0, valid[:, None])
         hit = ops.logical_and(relevant, kept)
         self.hits.assign_add(ops.sum(ops.cast(hit, self.dtype)))
         self.relevant.assign_add(ops.sum(ops.cast(relevant, self.dtype)))
@@ -166,6 +186,13 @@ class TopKRecall(keras.metrics.Metric):
     def get_config(self):
         return {**super().get_config(), "k": self.k,
                 "sample_tokens": self.sample_tokens}
+
+
+def _tokens_without_nan(activations):
+    """`[tokens]` bool: False for the rows of post-ReLU `activations`
+    `[tokens, m]` that hold a NaN. One row sum: entries >= 0 or +inf sum to
+    NaN exactly when one is NaN."""
+    return ops.logical_not(ops.isnan(ops.sum(activations, axis=1)))
 
 
 @contextlib.contextmanager
