@@ -61,7 +61,10 @@ def base_config():
 
     # Schedule: global batch size; `steps_per_epoch` None is one pass over a
     # finite training split. An epoch is also the unit of the backup a
-    # killed run resumes from.
+    # killed run resumes from (Keras's fit resumes at epoch boundaries):
+    # for long passes (ImageNet, C4 on a preemptible TPU) set
+    # steps_per_epoch to the backup interval; the data stream, the learning
+    # rate schedule and so the trained weights do not depend on it.
     config.batch_size = 64
     config.epochs = 10
     config.steps_per_epoch = config_dict.placeholder(int)

@@ -1,19 +1,17 @@
 """distribute.py, training.train, the trainer binaries and their configs.
 
 Runs the runlocal configs end to end (a few steps each): on one device with
-jit_compile, under the shared MirroredStrategy with mixed precision, killed
-with SIGKILL and resumed, and with a misspelled config key.
+jit_compile, under the shared MirroredStrategy with mixed precision, and
+with a misspelled config key (kill and resume: tests/test_checkpoint.py).
 """
 
 import importlib.util
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import textwrap
-import time
 
 import keras
 import numpy as np
@@ -99,7 +97,7 @@ def _check_workdir(workdir, config, report):
         assert json.load(f) == json.loads(json.dumps(report))
     assert os.path.exists(os.path.join(workdir, "model.keras"))
     assert os.path.exists(os.path.join(workdir, "backup",
-                                       "training_metadata.json"))
+                                       "state.weights.h5"))
 
 
 def test_train_runlocal_one_device_jit(tmp_path):
@@ -348,48 +346,6 @@ def test_exact_match_ignores_what_follows_eos():
 
 
 # The binary.
-
-def test_killed_run_resumes_from_its_last_epoch(tmp_path):
-    # The binary under MirroredStrategy over two logical CPU devices.
-    workdir = str(tmp_path / "run")
-    args = ["-m", "trainers.vit", "--config=configs/vit_digits.py:runlocal",
-            "--config.epochs=20", "--config.eval.every_epochs=0",
-            "--config.eval.corruptions=()", "--config.strategy=mirrored",
-            "--config.num_cpu_devices=2", f"--workdir={workdir}"]
-    metadata = os.path.join(workdir, "backup", "training_metadata.json")
-
-    first = run_python(args)
-    deadline = time.time() + 120
-    while time.time() < deadline and first.poll() is None:
-        try:
-            with open(metadata) as f:
-                if json.load(f)["epoch"] >= 1:
-                    break
-        except (OSError, ValueError):  # not there yet, or half written
-            pass
-        time.sleep(0.05)
-    assert first.poll() is None, "the run ended before it could be killed:\n" \
-        + first.communicate()[0]
-    first.send_signal(signal.SIGKILL)
-    first.communicate()
-    assert first.returncode == -signal.SIGKILL
-    assert not os.path.exists(os.path.join(workdir, "report.json"))
-
-    second = run_python(args)
-    output = second.communicate(timeout=180)[0]
-    assert second.returncode == 0, output
-    with open(os.path.join(workdir, "report.json")) as f:
-        report = json.load(f)
-    resumed_at = report["epochs_run"][0]
-    assert 1 <= resumed_at < 20
-    assert report["epochs_run"] == list(range(resumed_at, 20))
-    assert f"Epoch {resumed_at + 1}/20" in output
-    assert "Epoch 1/20" not in output
-    # The optimizer state came back with the weights: no step was lost.
-    assert report["train_steps"] == 20 * 3
-    assert report["strategy"] == "MirroredStrategy" and \
-        report["replicas"] == 2
-
 
 @pytest.mark.parametrize("flags,strategy", [
     ([], "DefaultDistributionStrategy x1"),

@@ -10,6 +10,11 @@ import numbers
 import numpy as np
 
 
+class ConfigError(ValueError):
+    """A training config that cannot run, said in one line; the trainer
+    binaries print it without a traceback."""
+
+
 def integer(value, name):
     """`value` as an int if it is an integral number (not a bool), else
     raises `ValueError` naming `name`."""
@@ -21,9 +26,9 @@ def integer(value, name):
     return int(value)
 
 
-def positive_int(value, name, upper=None):
+def positive_int(value, name, upper=None, error=ValueError):
     """`value` as an int if it is an integral number in `[1, upper]`
-    (`upper` None: no bound), else raises `ValueError` naming `name`."""
+    (`upper` None: no bound), else raises `error` naming `name`."""
     bound = "" if upper is None else f" no larger than {upper}"
     try:
         number = integer(value, name)
@@ -31,7 +36,7 @@ def positive_int(value, name, upper=None):
         number = None
     if number is None or number < 1 or (upper is not None and
                                         number > upper):
-        raise ValueError(
+        raise error(
             f"{name} must be a positive int{bound}, got {value!r}.")
     return number
 

@@ -27,6 +27,8 @@ from typing import Callable, Optional
 
 import keras
 
+from topk_sparse import checks
+
 
 @dataclasses.dataclass(frozen=True)
 class Model:
@@ -130,9 +132,9 @@ def register_evaluator(name, requested, **kwargs):
 
 
 def lookup(table, name, key):
-    """`table[name]`, or a `ValueError` naming the config `key` and the
+    """`table[name]`, or a `ConfigError` naming the config `key` and the
     registered names."""
     if name not in table:
-        raise ValueError(f"Unknown {key} {name!r}: choose one of "
+        raise checks.ConfigError(f"Unknown {key} {name!r}: choose one of "
                          f"{sorted(table)}.")
     return table[name]

@@ -22,7 +22,9 @@ workdir resumes from its last finished epoch), `report.json` and
 `configs/vit_digits.py` for every key.
 """
 
+import contextlib
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -33,8 +35,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from topk_sparse import (callbacks, data, distribute, evaluation, models,
-                         optimizers, registry)
+from topk_sparse import (callbacks, checkpoint, checks, data, distribute,
+                         evaluation, models, optimizers, registry)
 
 del evaluation, models  # imported for their registrations
 
@@ -71,8 +73,14 @@ def train(config, workdir, strategy=None):
     spec = registry.lookup(registry.MODELS, config.model.name,
                            "config.model.name")
     evaluators = _evaluators(config, spec)
-    os.makedirs(workdir, exist_ok=True)
-    _write_json(os.path.join(workdir, "config.json"), config.to_dict())
+    for key in ("epochs", "batch_size"):
+        checks.positive_int(config[key], f"config.{key}", error=ConfigError)
+    if config.steps_per_epoch is not None:
+        checks.positive_int(config.steps_per_epoch, "config.steps_per_epoch",
+                            error=ConfigError)
+    _check_workdir(workdir, config)
+    tf.io.gfile.makedirs(workdir)
+    _write_json(os.path.join(workdir, "config.json"), _json(config))
     keras.utils.set_random_seed(config.seed)
 
     # === Strategy ===
@@ -84,15 +92,17 @@ def train(config, workdir, strategy=None):
     jit_compile = _jit_compile(config.jit_compile, strategy)
 
     # === Input pipeline ===
-    train_data, num_train = data.load(
-        config.data, "train", config.batch_size, train=True, seed=config.seed)
-    eval_data, _ = data.load(
-        config.data, "test", config.eval.batch_size, train=False,
-        seed=config.seed)
+    with _config_errors("config.data"):
+        train_data, num_train = data.load(
+            config.data, "train", config.batch_size, train=True,
+            seed=config.seed)
+        eval_data, _ = data.load(
+            config.data, "test", config.eval.batch_size, train=False,
+            seed=config.seed)
     steps_per_epoch = config.steps_per_epoch or (
         num_train // config.batch_size if num_train else None)
     if not steps_per_epoch:
-        raise ValueError(
+        raise ConfigError(
             f"config.steps_per_epoch must be set for {config.data.name!r}, "
             f"whose training stream has no fixed size.")
     total_steps = config.epochs * steps_per_epoch
@@ -104,8 +114,9 @@ def train(config, workdir, strategy=None):
         with strategy.scope():
             model_kwargs = dict(config.model)
             del model_kwargs["name"]
-            model = spec.build(model_kwargs, registry.DataSpec(
-                train_data.element_spec, data.features(config.data)))
+            with _config_errors("config.model"):
+                model = spec.build(model_kwargs, registry.DataSpec(
+                    train_data.element_spec, data.features(config.data)))
             if not model.built:  # BackupAndRestore needs the variables
                 model(next(iter(train_data))[0])
             model.compile(
@@ -118,34 +129,54 @@ def train(config, workdir, strategy=None):
         run = Run(config, model, train_data, eval_data, workdir)
         for evaluator in evaluators.values():  # fail now, not after training
             if evaluator.check:
-                evaluator.check(run)
+                with _config_errors("config.eval"):
+                    evaluator.check(run)
+
+        # === Backup ===
+        backup_dir = os.path.join(workdir, "backup")
+        progress = checkpoint.restore(model, backup_dir)
+        if progress is None and tf.io.gfile.exists(
+                os.path.join(workdir, "report.json")):
+            raise RuntimeError(
+                f"{workdir} holds the report of a finished run but no backup "
+                f"in {backup_dir} to evaluate it from: use another "
+                f"--workdir, or delete {workdir} to train again.")
+        # The step count came back with the optimizer: the one source of
+        # the epoch to resume from.
+        initial_epoch = run.step() // steps_per_epoch
+        if progress is not None:
+            print(f"Resumed from epoch {initial_epoch} of {config.epochs} "
+                  f"(step {run.step()}), backup in {backup_dir}.",
+                  flush=True)
+        backup = checkpoint.Backup(backup_dir, progress)
 
         # === Callbacks ===
         tensorboard = os.path.join(workdir, "tensorboard")
         fit_callbacks = [
             # First: raise before a backup could save the diverged weights.
             FailOnNonFiniteLoss(),
-            keras.callbacks.BackupAndRestore(
-                os.path.join(workdir, "backup"), double_checkpoint=True,
-                # Kept, so that starting a finished run again only evaluates.
-                delete_checkpoint=False),
             # Loss and metrics; the MLPs' sparsity is SparsityCallback's.
             callbacks.TensorBoard(tensorboard),
             # Per MLP: nonzero and dead fractions, neuron firing histograms.
             callbacks.SparsityCallback(os.path.join(tensorboard, "sparsity")),
             *(callback for evaluator in evaluators.values()
               if evaluator.callbacks for callback in evaluator.callbacks(run)),
+            # Last: the epoch's logs are complete. Kept after training, so
+            # that starting a finished run again only evaluates.
+            backup,
         ]
 
         # === Fit ===
-        train_start = time.time()
+        # The seeded stream from the step reached: the batches an
+        # uninterrupted run would see (the skipped ones are read, not
+        # trained on).
         history = model.fit(
-            train_data, epochs=config.epochs, steps_per_epoch=steps_per_epoch,
+            train_data.skip(run.step()), epochs=config.epochs,
+            initial_epoch=initial_epoch, steps_per_epoch=steps_per_epoch,
             validation_data=eval_data if config.eval.every_epochs else None,
             validation_freq=config.eval.every_epochs or 1,
             callbacks=fit_callbacks, verbose=config.verbose,
             shuffle=False)  # the input pipeline shuffles
-        train_time = time.time() - train_start
 
         # === Evaluate ===
         metrics = model.evaluate(eval_data, return_dict=True, verbose=0)
@@ -177,7 +208,8 @@ def train(config, workdir, strategy=None):
         "jit_compile": jit_compile,
         "num_params": model.count_params(),
         "epochs": config.epochs,
-        # The epochs this run trained: fewer than `epochs` when it resumed.
+        # The epochs this process trained: fewer than `epochs` when it
+        # resumed; the history covers the whole run.
         "epochs_run": list(history.epoch),
         "steps_per_epoch": steps_per_epoch,
         "train_steps": run.step(),
@@ -191,15 +223,97 @@ def train(config, workdir, strategy=None):
         "dead_fraction": dead,
         # What the evaluators measured (robustness, two-stage scoring, ...).
         **evaluated,
-        "history": {name: [float(v) for v in values]
-                    for name, values in history.history.items()},
-        "train_time_s": round(train_time, 2),
+        "history": backup.history,
+        "train_time_s": round(backup.train_time_s, 2),
         "wall_time_s": round(time.time() - start, 2),
     }
     _write_json(os.path.join(workdir, "report.json"), report)
     print(format_report(report, workdir), flush=True)
     model.save(os.path.join(workdir, "model.keras"))
     return report
+
+
+ConfigError = checks.ConfigError
+
+# Config keys that change how a run is executed or evaluated, not what it
+# trains: a workdir accepts a config that differs from its own only here.
+RUNTIME_KEYS = ("eval", "verbose", "strategy", "tpu", "num_cpu_devices",
+                "jit_compile", "steps_per_execution", "data.data_dir")
+
+
+def _json(config):
+    """`config` as the JSON values config.json holds."""
+    return json.loads(json.dumps(config.to_dict(), default=str))
+
+
+def _flatten(tree, prefix=""):
+    flat = {}
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, path + "."))
+        else:
+            flat[path] = value
+    return flat
+
+
+def trained_config(config):
+    """`{dotted key: value}` of what `config` trains: every key but the
+    `RUNTIME_KEYS`."""
+    return {key: value for key, value in _flatten(
+        config if isinstance(config, dict) else _json(config)).items()
+        if not any(key == k or key.startswith(k + ".")
+                   for k in RUNTIME_KEYS)}
+
+
+def config_fingerprint(config):
+    """A short hash of `trained_config(config)`: one default workdir per
+    trained config."""
+    text = json.dumps(trained_config(config), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:10]
+
+
+def _check_workdir(workdir, config):
+    """Refuses a workdir whose run trained another config, naming the keys
+    that differ, or that holds results without a config."""
+    path = os.path.join(workdir, "config.json")
+    if not tf.io.gfile.exists(path):
+        for name in ("report.json", "backup"):
+            if tf.io.gfile.exists(os.path.join(workdir, name)):
+                raise ConfigError(
+                    f"--workdir={workdir} holds {name} but no config.json: "
+                    f"not a workdir this trainer can resume. Use another "
+                    f"--workdir.")
+        return
+    with tf.io.gfile.GFile(path) as f:
+        try:
+            before = trained_config(json.load(f))
+        except ValueError as e:
+            raise ConfigError(f"{path} cannot be read ({e}): use another "
+                              f"--workdir.") from e
+    now = trained_config(config)
+    missing = "(not set)"
+    changed = [f"{key}: {before.get(key, missing)!r} -> "
+               f"{now.get(key, missing)!r}"
+               for key in sorted({*before, *now})
+               if before.get(key, missing) != now.get(key, missing)]
+    if changed:
+        raise ConfigError(
+            f"--workdir={workdir} holds a run of another config "
+            f"({'; '.join(changed)}): use another --workdir (each config "
+            f"has its own by default), or delete this one to start over.")
+
+
+@contextlib.contextmanager
+def _config_errors(section):
+    """Reports a `ValueError` raised while reading `section` as a
+    `ConfigError` naming it."""
+    try:
+        yield
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"{section}: {e}") from e
 
 
 def _evaluators(config, spec):
@@ -214,7 +328,7 @@ def _evaluators(config, spec):
         if name in spec.evaluators:
             chosen[name] = evaluator
         elif evaluator.key:
-            raise ValueError(
+            raise ConfigError(
                 f"config.{evaluator.key} asks for the {name!r} evaluation, "
                 f"which model {config.model.name!r} does not support (it "
                 f"supports {list(spec.evaluators)}): unset it.")

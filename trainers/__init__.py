@@ -10,6 +10,7 @@ import difflib
 import importlib.util
 import os
 import sys
+import tempfile
 
 # TensorFlow's C++ INFO lines (CPU features, end of each dataset pass):
 # warnings and errors still show.
@@ -25,9 +26,10 @@ CONFIGS = os.path.join(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__))), "configs")
 
 
-def define_flags(default_config, default_workdir):
+def define_flags(default_config):
     """Defines `--config` (default `configs/<default_config>`) and
-    `--workdir`."""
+    `--workdir` (default: one folder per trained config, see
+    `default_workdir`)."""
     global _default_config, _flags
     _default_config = os.path.join(CONFIGS, default_config)
     # Without --config, the default file and the overrides are parsed here,
@@ -38,9 +40,11 @@ def define_flags(default_config, default_workdir):
             "Training config file, optionally with an argument: "
             "configs/vit_digits.py:runlocal.", lock_config=True)
     workdir = flags.DEFINE_string(
-        "workdir", default_workdir,
+        "workdir", None,
         "Folder for config.json, TensorBoard logs, the backup a killed run "
-        "resumes from, report.json and model.keras.")
+        "resumes from, report.json and model.keras. Default: "
+        "<tmp>/topk_sparse/<model>_<data>-<hash of the trained config>, one "
+        "per config, so that runs of different configs never share one.")
     _flags = (config, workdir)
 
 
@@ -49,18 +53,30 @@ def run(model_name):
     `model_name`; config override errors list the valid keys."""
     import tensorflow as tf
 
-    from topk_sparse import training
+    from topk_sparse import checks, training
 
     def main(argv):
         if len(argv) > 1:
             raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-        config, workdir = (holder.value for holder in _flags)
+        config = _flags[0].value
+        try:
+            config.model  # pylint: disable=pointless-statement
+        except OSError as e:  # ml_collections defers a failed load to here
+            _fail(_config_file_message(sys.argv, e))
+        workdir = _flags[1].value
         if config.model.name != model_name:
             raise app.UsageError(
                 f"trainers.{model_name} trains config.model.name="
                 f"{model_name!r}, got {config.model.name!r}: use "
                 f"trainers.{config.model.name}.")
-        training.train(config, workdir)
+        if workdir is None:
+            workdir = default_workdir(config)
+            print(f"--workdir={workdir}", flush=True)
+        try:
+            training.train(config, workdir)
+        except checks.ConfigError as e:
+            sys.stderr.write(f"FATAL config error: {e}\n")
+            sys.exit(1)
 
     # tf.distribute logs every all-reduce at INFO: keep the log readable.
     tf.get_logger().setLevel("WARNING")
@@ -89,6 +105,33 @@ def _clear_override_errors(argv=None):
         _fail(_unknown_key_message(argv) or f"{type(e).__name__}: {e}")
     except config_flags.config_flags.UnsupportedOperationError as e:
         _fail(str(e))
+
+
+def default_workdir(config):
+    """`<tmp>/topk_sparse/<model>_<data>-<fingerprint>`: the fingerprint
+    hashes what the config trains (`training.config_fingerprint`), so a
+    changed model, data or recipe key gets its own folder and a changed
+    evaluation key does not."""
+    from topk_sparse import training
+
+    return os.path.join(
+        tempfile.gettempdir(), "topk_sparse",
+        f"{config.model.name}_{config.data.name}-"
+        f"{training.config_fingerprint(config)}")
+
+
+def _config_file_message(argv, error):
+    """One line for a `--config` file that could not be loaded."""
+    spec = _config_spec(argv) or _default_config
+    path = str(spec).partition(":")[0]
+    if not os.path.exists(path):
+        known = sorted(name for name in os.listdir(CONFIGS)
+                       if name.endswith(".py") and not name.startswith("_")
+                       and name != "common.py")
+        return (f"--config={spec}: no such file. Configs here: "
+                f"{', '.join(os.path.join('configs', n) for n in known)}.")
+    cause = error.__cause__ or error
+    return f"--config={spec} could not be loaded: {cause}"
 
 
 def _fail(message):

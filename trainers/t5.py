@@ -1,17 +1,18 @@
 r"""Trains and evaluates a Top-k T5 encoder-decoder.
 
-    python -m trainers.t5 --workdir=/tmp/topk_sparse/t5
+    python -m trainers.t5
     python -m trainers.t5 --config=configs/t5_small_c4.py \
         --config.model.k=128 --workdir=/tmp/topk_sparse/t5_small_c4
 
 With no `--config` it trains configs/t5_synthetic.py (a task generated in
 process: no network, minutes on a CPU). Starting it again with the same
-`--workdir` resumes a killed run.
+config (or `--workdir`) resumes a killed run; a workdir refuses a config
+other than its own.
 """
 
 import trainers
 
-trainers.define_flags("t5_synthetic.py", "/tmp/topk_sparse/t5")
+trainers.define_flags("t5_synthetic.py")
 
 if __name__ == "__main__":
     trainers.run("t5")

@@ -1,16 +1,17 @@
 r"""Trains and evaluates a Top-k ViT classifier.
 
-    python -m trainers.vit --workdir=/tmp/topk_sparse/vit
+    python -m trainers.vit
     python -m trainers.vit --config=configs/vit_cifar10.py \
         --config.model.k=64 --workdir=/tmp/topk_sparse/vit_cifar10
 
 With no `--config` it trains configs/vit_digits.py (no network, minutes on a
-CPU). Starting it again with the same `--workdir` resumes a killed run.
+CPU). Starting it again with the same config (or `--workdir`) resumes a
+killed run; a workdir refuses a config other than its own.
 """
 
 import trainers
 
-trainers.define_flags("vit_digits.py", "/tmp/topk_sparse/vit")
+trainers.define_flags("vit_digits.py")
 
 if __name__ == "__main__":
     trainers.run("vit")

@@ -1,0 +1,44 @@
+r"""Runs the Lazy Neuron study: a grid of ViT and T5 trainings, aggregated.
+
+    python -m trainers.study --config=configs/study.py --workdir=/tmp/study
+    python -m trainers.study --config=configs/study.py:quick \
+        --workdir=/tmp/study_quick                     # minutes
+
+Each run trains in `<workdir>/runs/<run>`; a run with a report.json is
+skipped, so a killed study started again resumes. The workdir then holds
+study.json, tables.md and the plots (`topk_sparse.study`).
+"""
+
+import os
+
+import trainers  # noqa: F401 (quiets TensorFlow's C++ INFO lines)
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", os.path.join(trainers.CONFIGS, "study.py"),
+    "Study config file, optionally with an argument: configs/study.py:quick.",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Folder for the runs and the study's outputs.",
+    required=True)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    import tensorflow as tf
+
+    from topk_sparse import study
+
+    tf.get_logger().setLevel("WARNING")
+    summary = study.run(_CONFIG.value, _WORKDIR.value,
+                        log=lambda line: print(line, flush=True))
+    print(study.tables(summary), flush=True)
+    print(f"Study: {_WORKDIR.value}/study.json, tables.md, *.png", flush=True)
+
+
+if __name__ == "__main__":
+    app.run(main)
