@@ -49,8 +49,9 @@ setup(
         # tensorflow-cpu) or TensorFlow 2.21 replaces 2.20.
         "garden": ["tf-models-official==2.20.0", "tf-keras~=2.20.0"],
         # tensorflow-text (a keras-hub requirement) pinned to 2.20, else
-        # it brings TensorFlow 2.21.
-        "hub": ["keras-hub>=0.23", "tensorflow-text~=2.20.0"],
+        # it brings TensorFlow 2.21. keras-hub: the tested release (the
+        # integration reaches into its model layers).
+        "hub": ["keras-hub~=0.32.0", "tensorflow-text~=2.20.0"],
     },
     license="Apache-2.0",
 )

@@ -246,7 +246,7 @@ class SparseMLP(keras.layers.Layer):
             self.nonzero_fraction.update_state(activations)
         if self.recall is not None:
             self.recall.update_state(hidden, activations)
-        return _project(activations, self.output_kernel, self.output_bias)
+        return ops.project(activations, self.output_kernel, self.output_bias)
 
     def gathers(self, inputs):
         """Whether a call on `inputs` takes the gathered path (decided at
@@ -271,7 +271,7 @@ class SparseMLP(keras.layers.Layer):
         the inputs' dtype (inside `call`, Keras has already cast the
         weights to it)."""
         bias = self.intermediate_bias
-        return _project(
+        return ops.project(
             inputs, tf.cast(self.intermediate_kernel, inputs.dtype),
             None if bias is None else tf.cast(bias, inputs.dtype))
 
@@ -309,17 +309,3 @@ class SparseMLP(keras.layers.Layer):
                 keras.initializers.serialize(self.bias_initializer),
             "track_sparsity": self.track_sparsity,
         }
-
-
-def _project(x, kernel, bias):
-    """`x @ kernel + bias` over the last axis, as one rank-2 matmul.
-
-    Flattening first keeps the backward pass a plain matmul (an `einsum` over
-    `...f,fd->...d` was seen here to build a [f, d, tokens] gradient).
-    """
-    out_dim = kernel.shape[-1]
-    y = tf.matmul(tf.reshape(x, [-1, x.shape[-1]]), kernel)
-    if bias is not None:
-        y = y + bias
-    y = tf.reshape(y, tf.concat([tf.shape(x)[:-1], [out_dim]], axis=0))
-    return tf.ensure_shape(y, x.shape[:-1].concatenate([out_dim]))

@@ -13,6 +13,8 @@ The Top-k MLP of *The Lazy Neuron Phenomenon* (arXiv 2210.06313) computes
 - `topk_activations`: the same kept activations as `(values, indices)`;
 - `sparse_mlp_product`: the second MLP projection computed from the kept
   activations only, by gathering `k` rows of the output kernel.
+- `project`: `x @ kernel + bias` over the last axis as one rank-2 matmul,
+  the MLP's dense projections.
 
 The `"exact"` and `"approx"` methods select *indices* and the mask is built
 from them, so the masked and the gathered paths keep exactly the same
@@ -509,3 +511,17 @@ def sparse_mlp_product(values, indices, kernel):
     """
     rows = tf.gather(kernel, indices)  # [..., k, d]
     return tf.squeeze(tf.matmul(values[..., None, :], rows), axis=-2)
+
+
+def project(x, kernel, bias=None):
+    """`x @ kernel + bias` over the last axis, as one rank-2 matmul.
+
+    Flattening first keeps the backward pass a plain matmul (an `einsum` over
+    `...f,fd->...d` was seen here to build a [f, d, tokens] gradient).
+    """
+    out_dim = kernel.shape[-1]
+    y = tf.matmul(tf.reshape(x, [-1, x.shape[-1]]), kernel)
+    if bias is not None:
+        y = y + bias
+    y = tf.reshape(y, tf.concat([tf.shape(x)[:-1], [out_dim]], axis=0))
+    return tf.ensure_shape(y, x.shape[:-1].concatenate([out_dim]))
