@@ -42,7 +42,9 @@ setup(
         "test": ["pytest>=8", "hypothesis>=6.100", "scipy>=1.10",
                  "pillow>=10",
                  # XLA's own approx_max_k bin count (tests/test_ops.py).
-                 "jax[cpu]>=0.4.30"],
+                 "jax[cpu]>=0.4.30",
+                 # Runs colab/*.ipynb top to bottom (tests/test_notebooks.py).
+                 "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29"],
         # Integrations (topk_sparse/integrations). Both pull the `tensorflow`
         # package itself: install them WITHOUT `cpu`/`gpu`/`tpu`, or a
         # second TensorFlow lands in the same folder (tensorflow and
