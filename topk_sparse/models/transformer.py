@@ -12,7 +12,8 @@ the dense ReLU baseline of *The Lazy Neuron Phenomenon* (arXiv 2210.06313).
 
 `MultiHeadAttention` is our own small layer rather than Keras's because T5
 adds a learned relative position bias to the attention logits; one
-implementation serves both models.
+implementation serves both models. `TransformerBlock.decode` runs one
+position with a key/value cache, for `T5.generate`.
 """
 
 import keras
@@ -96,26 +97,43 @@ class MultiHeadAttention(keras.layers.Layer):
         return tf.transpose(x, [0, 2, 1, 3])
 
     def call(self, query, context=None, attention_bias=None, key_mask=None):
-        context = query if context is None else context
+        keys, values = self.keys_and_values(
+            query if context is None else context)
+        mask = None
+        if key_mask is not None:
+            mask = tf.cast(key_mask, tf.bool)[:, None, None, :]
+        if self.causal:
+            lower = tf.linalg.band_part(
+                tf.ones([_dim(query, 1), _dim(keys, 2)], tf.bool), -1, 0)
+            mask = lower if mask is None else tf.logical_and(mask, lower)
+        return self.attend(query, keys, values, attention_bias, mask)
+
+    def keys_and_values(self, context):
+        """The keys and values of `context` (`[batch, kv_len, width]`), each
+        `[batch, heads, kv_len, head_dim]`: what a decoding cache holds."""
+        return (self._split_heads(self.key_dense(context)),
+                self._split_heads(self.value_dense(context)))
+
+    def attend(self, query, keys, values, attention_bias=None, mask=None):
+        """Attention of `query` (`[batch, q_len, width]`) to given `keys` and
+        `values` (`[batch, heads, kv_len, head_dim]`, from
+        `keys_and_values`, or a decoding cache).
+
+        `attention_bias` is added to the logits; `mask` (bool, broadcastable
+        to `[batch, heads, q_len, kv_len]`) is False at keys to ignore.
+        Returns `[batch, q_len, width]`.
+        """
         q = self._split_heads(self.query_dense(query))
         q *= self.head_dim ** -0.5
-        k = self._split_heads(self.key_dense(context))
-        v = self._split_heads(self.value_dense(context))
         # Softmax in float32: under mixed_bfloat16 the masked logits and the
         # normalization stay exact.
-        logits = tf.cast(tf.matmul(q, k, transpose_b=True), tf.float32)
+        logits = tf.cast(tf.matmul(q, keys, transpose_b=True), tf.float32)
         if attention_bias is not None:
             logits += tf.cast(attention_bias, tf.float32)
-        if key_mask is not None:
-            keep = tf.cast(key_mask, tf.bool)[:, None, None, :]
-            logits = tf.where(keep, logits, _MASKED_LOGIT)
-        if self.causal:
-            q_len, kv_len = _dim(logits, 2), _dim(logits, 3)
-            lower = tf.linalg.band_part(tf.ones([q_len, kv_len], tf.bool),
-                                        -1, 0)
-            logits = tf.where(lower, logits, _MASKED_LOGIT)
+        if mask is not None:
+            logits = tf.where(mask, logits, _MASKED_LOGIT)
         weights = tf.cast(tf.nn.softmax(logits, axis=-1), self.compute_dtype)
-        heads = tf.transpose(tf.matmul(weights, v), [0, 2, 1, 3])
+        heads = tf.transpose(tf.matmul(weights, values), [0, 2, 1, 3])
         merged = tf.reshape(heads, [-1, _dim(heads, 1),
                                     self.num_heads * self.head_dim])
         return self.output_dense(merged)
@@ -266,6 +284,58 @@ class TransformerBlock(keras.layers.Layer):
             x = x + self.dropout(y, training=training)
         y = self.mlp(self.mlp_norm(x))
         return x + self.dropout(y, training=training)
+
+    def decode(self, inputs, cache, write, written, attention_bias=None,
+               context_cache=None, context_padding_mask=None):
+        """One step of incremental decoding (inference: no dropout).
+
+        The self-attention keys and values of earlier tokens come from
+        `cache` instead of being recomputed; this token's are written into
+        it at `write`. Shapes stay static: the cache always holds
+        `max_length` positions, those not yet written are masked.
+
+        Args:
+          inputs: float `[batch, 1, width]`, this step's token.
+          cache: `(keys, values)`, each `[batch, heads, max_length,
+            head_dim]`: the self-attention keys and values of the tokens
+            before (zeros where not yet written).
+          write: bool `[max_length]`, True at this step's position only.
+          written: bool `[max_length]`, True at the positions written so
+            far, this step's included: the keys attended to.
+          attention_bias: self-attention logit bias of this position,
+            broadcastable to `[batch, heads, 1, max_length]`, or None.
+          context_cache: `(keys, values)` of the cross-attention context,
+            from `context_keys_and_values` (computed once per sequence).
+          context_padding_mask: bool `[batch, context_length]`, or None.
+
+        Returns:
+          `(outputs [batch, 1, width], cache)`, the cache with this step's
+          keys and values written.
+        """
+        x = inputs
+        normed = self.attention_norm(x)
+        # A one-hot write over the position axis: the same static-shape
+        # program for every step, on every device. An in-place scatter at
+        # the position measured no faster here (T5-Base, batch 1 to 16,
+        # CPU time within 3%), so the simpler select stays.
+        cache = tuple(tf.where(write[:, None], new, old) for new, old in
+                      zip(self.attention.keys_and_values(normed), cache))
+        y = self.attention.attend(normed, *cache, attention_bias,
+                                  written[None, None, None, :])
+        x = x + y
+        if self.cross_attention:
+            mask = None
+            if context_padding_mask is not None:
+                mask = tf.cast(context_padding_mask,
+                               tf.bool)[:, None, None, :]
+            x = x + self.cross_attention_layer.attend(
+                self.cross_attention_norm(x), *context_cache, mask=mask)
+        return x + self.mlp(self.mlp_norm(x)), cache
+
+    def context_keys_and_values(self, context):
+        """Cross-attention keys and values of `context`, each `[batch,
+        heads, context_length, head_dim]`, for `decode`."""
+        return self.cross_attention_layer.keys_and_values(context)
 
     def compute_output_shape(self, inputs_shape, context_shape=None):
         return inputs_shape

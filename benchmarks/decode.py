@@ -1,0 +1,299 @@
+"""T5 decoding with the key/value cache: Top-k over dense, side by side.
+
+Tokens per second of `T5.generate` (greedy, `--source_length` source tokens,
+`--max_length` generated, random weights) for the dense T5 and the same
+weights with Top-k MLPs: `masked` (`implementation="masked"`: every MLP
+multiplies both kernels densely), `default` (`implementation="auto"`: the
+decoder's MLPs, which see one token per sequence per step, take the
+gathered path while batch x k is at most a sixth of mlp_dim) and
+`two-stage` (`default` after `scoring.calibrate` at `--rank` /
+`--candidates`: its first stage reads a low-rank factorization of W1, and
+runs while batch x candidates is at most a sixth of mlp_dim, else that row
+is the plain gathered path). Each model is timed in tf.function and under
+jit_compile=True, at each batch size.
+
+Each case also times its encoder alone, so that a decoding step's time is
+`(generate - encode) / max_length`. It is compared with a memory probe, the
+time to read once every weight a decoding step reads (the decoder's but its
+cross-attention keys and values, computed once per sequence, and the tied
+embedding as output projection): the faster of a jit-compiled and a
+tf.function reduction over them. The cases of a batch and mode, the probes
+included, are interleaved repeat by repeat (see topk_mlp.measure), so that
+a busy moment of this shared machine hits them all alike; ratios use
+medians: `throughput_ratio` is tokens/s over the dense model's tokens/s
+(>1: faster), `step_over_probe` the step time over the probe time (1: the
+memory-bound limit).
+
+`--profile` adds, at batch 1, the time of the parts of one decoding step
+timed apart (all blocks' self- and cross-attention with their norms, all
+MLPs with their norms, the output projection), to see where a step goes.
+
+Two-stage scoring is calibrated on the model's own inputs for random source
+and target tokens; on random weights it keeps only part of the exact top-k
+(`two_stage_recall` in the JSON), so its rows show speed, not quality (see
+benchmarks/recall.py).
+
+Usage:
+  python benchmarks/decode.py              # small and base, batch 1, 4, 16
+  python benchmarks/decode.py --variants base --batches 1 --profile
+  python benchmarks/decode.py --variants tiny --vocab_size 64 --k 8 \\
+      --rank 8 --candidates 16 --batches 1 --repeats 1   # seconds
+"""
+
+import argparse
+import json
+import os
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from topk_mlp import measure, print_table  # noqa: E402
+from topk_sparse import scoring  # noqa: E402
+from topk_sparse.models import T5, T5_VARIANTS  # noqa: E402
+
+# Each case is its own tf.function by design: silence the retracing warning.
+tf.get_logger().setLevel("ERROR")
+
+MODES = {"tf.function": False, "jit_compile": True}
+
+
+def _models(args, variant):
+    """`{case: T5}`, every Top-k model with the dense model's weights."""
+    def t5(**kwargs):
+        return T5(variant, vocab_size=args.vocab_size, dropout_rate=0.0,
+                  **kwargs)
+
+    keras.utils.set_random_seed(0)
+    models = {"dense": t5()}
+    topk = f"top-{args.k}"
+    models[f"{topk} masked"] = t5(k=args.k, implementation="masked")
+    models[f"{topk} default"] = t5(k=args.k)
+    models[f"{topk} two-stage"] = t5(k=args.k)
+    weights = models["dense"].get_weights()
+    for name, model in models.items():
+        if name != "dense":
+            model.set_weights(weights)
+    return models
+
+
+def _calibrate(args, model):
+    """Two-stage scoring from `--calibration_batches` random batches of
+    4 x source_length tokens; returns the mean recall over the MLPs."""
+    rng = np.random.default_rng(1)
+
+    def batch():
+        tokens = rng.integers(1, args.vocab_size,
+                              size=(4, args.source_length)).astype("int32")
+        return {"encoder_tokens": tokens, "decoder_tokens": tokens}
+
+    measured = scoring.calibrate(
+        model, [batch() for _ in range(args.calibration_batches)],
+        args.rank, args.candidates)
+    return float(np.mean([m["recall"] for m in measured.values()]))
+
+
+def step_weights(model):
+    """The weights one decoding step reads: the decoder blocks' but the
+    cross-attention keys and values (computed once per sequence), the
+    decoder's final norm and the tied embedding (the output projection)."""
+    weights = [model.token_embedding.embedding,
+               *model.decoder_norm.weights]
+    for block in model.decoder_blocks:
+        cross = block.cross_attention_layer
+        skip = {id(w) for w in (*cross.key_dense.weights,
+                                *cross.value_dense.weights)}
+        weights += [w for w in block.weights if id(w) not in skip]
+    return [w for w in weights if w.trainable]
+
+
+def memory_probes(model):
+    """`{"probe jit": fn, "probe tf.function": fn}`: each reads
+    `step_weights(model)` once (a sum of each)."""
+    weights = step_weights(model)
+
+    def read():
+        return tf.add_n([tf.reduce_sum(w) for w in weights])
+
+    return {f"probe {mode}": tf.function(read, jit_compile=jit)
+            for mode, jit in MODES.items()}
+
+
+def _generate(model, tokens, args, jit):
+    return tf.function(lambda: model.generate(tokens, args.max_length),
+                       jit_compile=jit)
+
+
+def _encode(model, tokens, jit):
+    return tf.function(lambda: model._encode(tokens, training=False),
+                       jit_compile=jit)
+
+
+def _step_parts(model, batch, args, jit):
+    """`{part: fn}`: the parts of one decoding step at position
+    `max_length - 1`, each over every decoder block, on random states."""
+    blocks = model.decoder_blocks
+    width, length = model.width, args.max_length
+    x = tf.random.stateless_normal([batch, 1, width], seed=[3, 0])
+    heads = [batch, model.num_heads, length, width // model.num_heads]
+    cache = tf.random.stateless_normal(heads, seed=[4, 0])
+    context = tf.random.stateless_normal(
+        [batch, model.num_heads, args.source_length, heads[-1]], seed=[5, 0])
+    bias = model.decoder_position_bias.bias_at(length - 1, length)
+    written = tf.ones([length], tf.bool)
+    project = model._output_projection(batch)
+
+    def attention():
+        y = x
+        for block in blocks:
+            normed = block.attention_norm(y)
+            keys, values = block.attention.keys_and_values(normed)
+            keys = tf.concat([cache[:, :, :-1], keys], 2)
+            values = tf.concat([cache[:, :, :-1], values], 2)
+            y = y + block.attention.attend(normed, keys, values, bias,
+                                           written[None, None, None])
+            y = y + block.cross_attention_layer.attend(
+                block.cross_attention_norm(y), context, context)
+        return y
+
+    def mlp():
+        y = x
+        for block in blocks:
+            y = y + block.mlp(block.mlp_norm(y))
+        return y
+
+    def output_projection():
+        return project(model.decoder_norm(x)[:, 0])
+
+    return {name: tf.function(fn, jit_compile=jit) for name, fn in
+            (("attention", attention), ("mlp", mlp),
+             ("output projection", output_projection))}
+
+
+RATIO_COLUMNS = ["variant", "batch", "mode", "dense tokens/s", "masked",
+                 "default", "two-stage", "dense step/probe"]
+
+
+def ratio_table(rows):
+    """One row per variant, batch and mode: the ratios of `rows`."""
+    groups = {}
+    for row in rows:
+        key = (row["variant"], row["batch"], row["mode"])
+        group = groups.setdefault(key, dict(zip(RATIO_COLUMNS, key)))
+        if row["case"] == "dense":
+            group["dense tokens/s"] = row["tokens_per_s"]
+            group["dense step/probe"] = row["step_over_probe"]
+        else:
+            group[row["case"].split(" ", 1)[1]] = row["throughput_ratio"]
+    return list(groups.values())
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--variants", nargs="+", default=["small", "base"],
+                        choices=sorted(T5_VARIANTS))
+    parser.add_argument("--vocab_size", type=int, default=32128)
+    parser.add_argument("--k", type=int, default=64)
+    parser.add_argument("--source_length", type=int, default=32)
+    parser.add_argument("--max_length", type=int, default=32,
+                        help="tokens generated per sequence")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--modes", nargs="+", default=list(MODES),
+                        choices=list(MODES))
+    parser.add_argument("--rank", type=int, default=64,
+                        help="two-stage scoring: rank of the first stage")
+    parser.add_argument("--candidates", type=int, default=256,
+                        help="two-stage scoring: neurons rescored per token")
+    parser.add_argument("--calibration_batches", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--profile", action="store_true",
+                        help="time the parts of a batch-1 step apart")
+    parser.add_argument("--json", default="benchmarks/decode.json")
+    args = parser.parse_args()
+
+    result = {"args": vars(args), "tensorflow": tf.__version__,
+              "cpu_count": os.cpu_count(), "probes": [], "rows": [],
+              "profile": []}
+    for variant in args.variants:
+        models = _models(args, variant)
+        recall = _calibrate(args, models[f"top-{args.k} two-stage"])
+        probes = memory_probes(models["dense"])
+        mb = sum(w.numpy().nbytes
+                 for w in step_weights(models["dense"])) / 1e6
+        result["probes"].append({"variant": variant, "weights_mb": mb,
+                                 "two_stage_recall": recall})
+        print(f"\n{variant}: a decoding step reads {mb:.1f} MB of weights; "
+              f"two-stage recall {recall:.3f}", flush=True)
+        for batch in args.batches:
+            tokens = tf.constant(np.random.default_rng(batch).integers(
+                1, args.vocab_size, size=(batch, args.source_length)),
+                tf.int32)
+            for mode in args.modes:
+                jit = MODES[mode]
+                # The probes run in the same rounds, so that they meet the
+                # machine's load of the moment too.
+                cases = dict(probes)
+                for name, model in models.items():
+                    cases[name] = _generate(model, tokens, args, jit)
+                    cases[f"{name} encoder"] = _encode(model, tokens, jit)
+                start = time.perf_counter()
+                times = measure(cases, args.repeats)
+                probe = {name.split(" ", 1)[1]: float(np.median(times[name]))
+                         for name in probes}
+                probe_ms = 1e3 * min(probe.values())
+                dense = float(np.median(times["dense"]))
+                for name in models:
+                    generate = float(np.median(times[name]))
+                    encode = float(np.median(times[f"{name} encoder"]))
+                    step = (generate - encode) / args.max_length
+                    result["rows"].append({
+                        "variant": variant, "batch": batch, "mode": mode,
+                        "case": name, "generate_ms": 1e3 * generate,
+                        "generate_min_ms": 1e3 * min(times[name]),
+                        "encode_ms": 1e3 * encode, "step_ms": 1e3 * step,
+                        "tokens_per_s": batch * args.max_length / generate,
+                        "throughput_ratio": dense / generate,
+                        "probe_ms": probe_ms,
+                        "step_over_probe": 1e3 * step / probe_ms})
+                print(f"  batch {batch}, {mode}: "
+                      f"{time.perf_counter() - start:.0f} s; probe "
+                      + ", ".join(f"{k} {1e3 * v:.1f} ms"
+                                  for k, v in probe.items()), flush=True)
+        if args.profile:
+            for mode in args.modes:
+                cases = {}
+                for name, model in models.items():
+                    for part, fn in _step_parts(model, 1, args,
+                                                MODES[mode]).items():
+                        cases[(name, part)] = fn
+                times = measure(cases, 4 * args.repeats)
+                for (name, part), t in times.items():
+                    result["profile"].append({
+                        "variant": variant, "mode": mode, "case": name,
+                        "part": part, "median_ms": 1e3 * float(np.median(t))})
+        del models
+
+    print_table(
+        f"T5.generate, {args.source_length} source tokens, "
+        f"{args.max_length} generated, k={args.k}: tokens/s, Top-k tokens/s "
+        "over dense tokens/s, and a decoding step's time over the memory "
+        "probe's", result["rows"],
+        ["variant", "batch", "mode", "case", "generate_ms", "step_ms",
+         "probe_ms", "tokens_per_s", "throughput_ratio", "step_over_probe"])
+    print_table("Side by side: dense tokens/s, each Top-k case's tokens/s "
+                "over dense (>1: faster), dense step / probe",
+                ratio_table(result["rows"]), RATIO_COLUMNS)
+    if result["profile"]:
+        print_table("Parts of a batch-1 decoding step, timed apart",
+                    result["profile"],
+                    ["variant", "mode", "case", "part", "median_ms"])
+    with open(args.json, "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"\nwrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
