@@ -6,7 +6,9 @@ r"""Runs the Lazy Neuron study: a grid of ViT and T5 trainings, aggregated.
 
 Each run trains in `<workdir>/runs/<run>`; a run with a report.json is
 skipped, so a killed study started again resumes. The workdir then holds
-study.json, tables.md and the plots (`topk_sparse.study`).
+study.json, tables.md and the plots (`topk_sparse.study`). Two processes
+may share the grid (`nice -n 19 python -m trainers.study ... &` twice); then
+aggregate with `--config.train=False` once both have ended.
 """
 
 import os
@@ -36,6 +38,8 @@ def main(argv):
     tf.get_logger().setLevel("WARNING")
     summary = study.run(_CONFIG.value, _WORKDIR.value,
                         log=lambda line: print(line, flush=True))
+    if summary is None:
+        return  # other processes still train runs of this study
     print(study.tables(summary), flush=True)
     print(f"Study: {_WORKDIR.value}/study.json, tables.md, *.png", flush=True)
 

@@ -1,0 +1,158 @@
+"""The Lazy Neuron study: its statistics, its grid, and the quick study run
+end to end (configs/study.py:quick, a few minutes on a 2-core CPU)."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from configs import study as study_config
+from topk_sparse import study, training
+
+VERDICTS = {"agrees", "does not", "not significant", "—"}
+
+
+def test_interval_is_the_t_interval():
+    values = [1.0, 2.0, 4.0, 7.0]
+    got = study.interval(values, 0.95)
+    low, high = stats.t.interval(0.95, 3, loc=np.mean(values),
+                                 scale=stats.sem(values))
+    assert got["n"] == 4 and got["mean"] == pytest.approx(3.5)
+    assert (got["low"], got["high"]) == pytest.approx((low, high))
+    assert study.interval([2.0])["low"] is None  # one seed: no interval
+
+
+@pytest.mark.parametrize("low, high, test, expected", [
+    (0.5, 2.0, (">", 0), "agrees"),
+    (-2.0, -0.5, (">", 0), "does not"),
+    (-1.0, 2.0, (">", 0), "not significant"),
+    (-2.0, -0.5, ("<", 0), "agrees"),
+    (48.0, 52.0, ("≈", 50, 5), "agrees"),
+    (20.0, 30.0, ("≈", 50, 5), "does not"),
+    (40.0, 52.0, ("≈", 50, 5), "not significant"),
+    (None, None, (">", 0), "not significant"),
+])
+def test_verdicts(low, high, test, expected):
+    stat = {"mean": 0.0, "low": low, "high": high, "n": 2}
+    assert study.verdict(stat, test) == expected
+
+
+def test_random_images_are_noise_with_random_labels():
+    ds, n = study.load_random_images("train", 8, train=True, seed=3,
+                                     image_size=6, channels=1,
+                                     num_examples=20)
+    x, y = next(iter(ds))
+    assert n == 20 and x.shape == (8, 6, 6, 1) and y.shape == (8,)
+    assert 0 <= float(np.min(x)) and float(np.max(x)) <= 1
+    test_ds, test_n = study.load_random_images("test", 4, train=False,
+                                               num_examples=20)
+    assert test_n == 5 and sum(len(b[1]) for b in test_ds) == 5
+
+
+def test_the_full_grid_shares_cells_and_orders_its_runs():
+    config = study_config.get_config()
+    runs, roles = study.grid(config)
+    names = [r["name"] for r in runs]
+    assert len(names) == len(set(names))
+    # Claim 4: dense and each k at each label noise, claim4_seeds each.
+    assert len(roles["claim4"]) == (1 + len(config.k)) * len(
+        config.label_noise)
+    for cell in roles["claim4"].values():
+        assert sum(r["cell"] == cell for r in runs) == config.claim4_seeds
+    # The base model is one cell of claims 1, 2 and 4.
+    base = roles["claim4"]["dense/noise0"]
+    assert roles["claim1_vit"] == base == roles["width"][str(
+        config.vit.model.mlp_dim)] == roles["depth"]["2"]
+    # Its runs carry the corruption evaluation; k below mlp_dim.
+    assert all(tuple(r["config"].eval.corruptions) == tuple(
+        config.corruptions) for r in runs if r["cell"] == base)
+    assert all(k < config.vit.model.mlp_dim for k in config.k)
+    # Every cell at seeds 0 and 1 first, then claim 4's other seeds.
+    first = [r for r in runs if r["seed"] < 2]
+    assert runs[:len(first)] == first
+    assert {r["cell"] for r in first} == {r["cell"] for r in runs}
+    claim4 = set(roles["claim4"].values())
+    rest = [r["cell"] in claim4 for r in runs[len(first):]]
+    assert rest == sorted(rest, reverse=True)
+
+
+def test_a_run_another_live_process_holds_is_left_to_it(tmp_path):
+    run_dir = str(tmp_path / "run")
+    assert study._take(run_dir)  # free: taken, our pid written
+    assert study._take(run_dir)  # ours already
+    with open(os.path.join(run_dir, "lock"), "w") as f:
+        f.write(str(os.getppid()))  # a live process (pytest's parent)
+    assert not study._take(run_dir)
+    with open(os.path.join(run_dir, "lock"), "w") as f:
+        f.write("99999999")  # no such process: a killed study's lock
+    assert study._take(run_dir)
+    with open(os.path.join(run_dir, "lock")) as f:
+        assert int(f.read()) == os.getpid()
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("study"))
+    config = study_config.get_config("quick")
+    return config, workdir, study.run(config, workdir, log=lambda _: None)
+
+
+def test_quick_study_writes_consistent_outputs(quick):
+    config, workdir, summary = quick
+    runs, roles = study.grid(config)
+    with open(os.path.join(workdir, "study.json")) as f:
+        saved = json.load(f)
+    assert saved["grid"]["runs"] == len(runs) == len(saved["runs"])
+    assert not any(os.path.exists(os.path.join(workdir, "runs", r["name"],
+                                               "lock")) for r in runs)
+    assert saved["roles"] == roles
+    for result, spec in zip(saved["runs"], runs):
+        run_dir = os.path.join(workdir, "runs", spec["name"])
+        with open(os.path.join(run_dir, "report.json")) as f:
+            assert json.load(f) == result["report"]
+        with open(os.path.join(run_dir, "config.json")) as f:
+            assert training.config_fingerprint(json.load(f)) == \
+                training.config_fingerprint(spec["config"])
+        init = result["init_nonzero"]
+        assert set(init["eval"]) == set(result["report"]["nonzero_fraction"])
+        k, mlp_dim = result["report"]["k"], result["config"]["model"][
+            "mlp_dim"] if result["report"]["model"] == "vit" else None
+        for value in init["eval"].values():
+            if k is None:  # a fresh ReLU MLP fires about half its units
+                assert 0.2 < value < 0.8
+            else:
+                assert 0 < value <= k / mlp_dim + 1e-6
+    for claim in ("claim1", "claim2", "claim3", "claim4"):
+        rows = saved["claims"][claim]
+        assert rows and all(row["verdict"] in VERDICTS for row in rows)
+        for row in rows:
+            if row["low"] is not None:
+                assert row["low"] <= row["mean"] <= row["high"]
+    # Claim 4 differences are paired over the claim-4 seeds.
+    assert all(len(row["values"]) == config.claim4_seeds
+               for row in saved["claims"]["claim4"])
+    with open(os.path.join(workdir, "tables.md")) as f:
+        text = f.read()
+    assert text.count("### Claim") == 4
+    verdicts = [line.split("|")[-2].strip() for line in text.splitlines()
+                if line.startswith("| ") and not line.startswith(
+                    "| quantity")]
+    assert verdicts == [row["verdict"] for rows in saved["claims"].values()
+                        for row in rows]
+    for name in ("claim1_sparsity_over_training", "claim2_width_depth",
+                 "claim3_random", "claim4_topk"):
+        with open(os.path.join(workdir, f"{name}.png"), "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_finished_study_trains_nothing_again(quick, monkeypatch):
+    config, workdir, summary = quick
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a finished run was trained again")
+    monkeypatch.setattr(training, "train", refuse)
+    monkeypatch.setattr(study, "initial_nonzero", refuse)
+    again = study.run(config, workdir, log=lambda _: None)
+    assert again["claims"] == summary["claims"]

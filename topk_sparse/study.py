@@ -1,0 +1,794 @@
+"""The Lazy Neuron study: a grid of training runs, statistics, tables, plots.
+
+`run(study_config, workdir)` trains every run of the grid that
+`configs/study.py` describes with `topk_sparse.training.train`, each in
+`<workdir>/runs/<run>` (a run with a report.json is skipped: a killed study
+resumes), then writes `<workdir>/study.json` (every run's config, report
+and step-0 sparsity; per claim, each quantity's mean over seeds with a
+t-interval and the verdict), `tables.md` (one table per claim) and the
+plots `claim{1,2,3,4}_*.png`.
+
+The claims (*The Lazy Neuron Phenomenon*, arXiv 2210.06313):
+
+1. MLP activations of trained Transformers are sparse at every layer, on
+   train and eval data alike; about 50% nonzero at initialization.
+2. Wider MLPs give a lower nonzero share; deeper models sparser middles.
+3. Sparsity also emerges with random labels, random inputs and unlimited
+   (never repeated) data.
+4. Top-k below the natural level is less sensitive to label noise, more
+   robust to noise corruptions and better calibrated (Table 1).
+
+Nonzero fraction at step 0 is measured here (`initial_nonzero`): the run's
+model built with its seed, before any step, over `init_batches` training
+batches and the whole evaluation split. After that, the curves are the
+trainer's per-epoch history: `<layer>/nonzero_fraction` (the epoch's
+training batches) and `val_<layer>/nonzero_fraction` (the evaluation
+split).
+
+Verdicts compare a quantity's 95% t-interval over seeds (paired by seed
+where two cells are compared) with the paper's claim:
+- a sign ("> 0", "< 0"): agrees when the interval excludes 0 on the
+  paper's side, does not when it excludes 0 on the other, else not
+  significant;
+- a level ("≈ 50 ± 5"): agrees when the interval lies inside, does not when
+  it lies wholly outside, else not significant;
+- a count ("all"): agrees when every MLP's interval is on the paper's side.
+"""
+
+import copy
+import json
+import math
+import os
+import time
+
+import keras
+import ml_collections
+import numpy as np
+import tensorflow as tf
+
+from topk_sparse import data, registry, training
+from topk_sparse.data import images
+from topk_sparse.models import vit as vit_lib
+
+RANDOM_IMAGES = "random_images"
+"""Dataset name of claim 3's random inputs: uniform pixels, uniform labels."""
+
+
+def load_random_images(split, batch_size, *, train, seed=0, image_size=16,
+                       channels=1, num_classes=10, num_examples=1437):
+    """A fixed set of uniform-noise images with uniform random labels.
+
+    The "random images" of the paper's claim 3: nothing to learn but the
+    labels of `num_examples` training images by heart. The test split has a
+    quarter as many, drawn from another stream.
+
+    Returns:
+      `(dataset, num_examples)` as the image pipelines do
+      (`topk_sparse.data.images.load`).
+    """
+    rng = np.random.default_rng([seed, int(split == "test")])
+    n = num_examples if split == "train" else max(num_examples // 4, 1)
+    x = rng.uniform(size=(n, image_size, image_size, channels))
+    y = rng.integers(0, num_classes, n)
+    ds = tf.data.Dataset.from_tensor_slices((x.astype("float32"),
+                                             y.astype("int32")))
+    if train:
+        ds = ds.shuffle(n, seed=seed, reshuffle_each_iteration=True).repeat()
+    ds = ds.batch(batch_size, drop_remainder=train)
+    return ds.prefetch(tf.data.AUTOTUNE), n
+
+
+registry.register_dataset(
+    RANDOM_IMAGES, load_random_images,
+    features=lambda kwargs: {"num_classes": kwargs.get("num_classes", 10)})
+
+# Table 1 of the paper (ViT-B/16 on ImageNet-1k): Top-128 minus dense, in
+# points. Clean accuracy: "about the same" (74.83 vs 74.85).
+PAPER_TABLE1 = {
+    "clean": 74.83 - 74.85,
+    "noise0.4": 62.13 - 59.44,
+    "noise0.8": 30.80 - 25.35,
+    "gaussian_noise": 42.29 - 39.54,
+    "impulse_noise": 40.07 - 37.37,
+    "shot_noise": 40.68 - 38.56,
+    "ece": 7.48 - 8.42,
+}
+# Mean nonzero share after training (%), ViT-B/16 and T5-Base.
+PAPER_NONZERO = {"vit": 6.3, "t5": 3.0}
+
+
+# === Grid ===
+
+def cell_name(config):
+    """The cell a run config belongs to: its name without the seed."""
+    model = config.model
+    parts = [model.name, config.data.name,
+             "dense" if model.k is None else f"top{model.k}"]
+    if model.name == "vit":
+        parts += [f"mlp{model.mlp_dim}", f"depth{model.depth}"]
+    noise = config.data.get("label_noise", 0.0)
+    if noise:
+        parts.append(f"noise{noise:g}")
+    return "-".join(parts)
+
+
+def grid(study):
+    """`(runs, roles)`: the runs in order (dicts of name, cell, seed,
+    config) and which cell answers which part of which claim."""
+    vit = copy.deepcopy(study.vit)
+    vit.unlock()  # a locked --config: its copies gain keys below
+    variant = vit_lib.VIT_VARIANTS[vit.model.variant]
+    # Explicit, so that every cell's name and fingerprint say them.
+    vit.model.mlp_dim = vit.model.get("mlp_dim") or variant["mlp_dim"]
+    vit.model.depth = vit.model.get("depth") or variant["depth"]
+    runs = {}
+
+    def add(base, seeds, model=None, data_config=None, eval_config=None):
+        config = copy.deepcopy(base)
+        config.unlock()
+        config.model.update(model or {})
+        if data_config is not None:
+            config.data = data_config
+        config.eval.update(eval_config or {})
+        cell = cell_name(config)
+        for seed in range(seeds):
+            name = f"{cell}-seed{seed}"
+            if name not in runs:  # the first adder's eval keys win
+                run_config = copy.deepcopy(config)
+                run_config.seed = seed
+                runs[name] = {"name": name, "cell": cell, "seed": seed,
+                              "config": run_config}
+        return cell
+
+    roles = {"claim4": {}, "width": {}, "depth": {}}
+    # Claim 4 first: its clean cells carry the corruption evaluation.
+    for k in (None, *study.k):
+        for noise in study.label_noise:
+            key = f"{'dense' if k is None else f'top{k}'}/noise{noise:g}"
+            roles["claim4"][key] = add(
+                vit, study.claim4_seeds,
+                model={"k": k},
+                data_config=_with(vit.data, label_noise=noise),
+                eval_config={"corruptions": tuple(study.corruptions),
+                             "severities": tuple(study.severities)}
+                if noise == 0 else None)
+    roles["claim1_vit"] = roles["claim4"]["dense/noise0"]
+    for mlp_dim in study.widths:
+        roles["width"][str(mlp_dim)] = add(vit, study.seeds,
+                                           model={"mlp_dim": mlp_dim})
+    for depth in study.depths:
+        roles["depth"][str(depth)] = add(vit, study.seeds,
+                                         model={"depth": depth})
+    roles["random_labels"] = add(
+        vit, study.seeds, data_config=_with(vit.data, label_noise=1.0))
+    roles["random_inputs"] = add(vit, study.seeds, data_config=_random_images(
+        vit.data, study.random_examples))
+    roles["claim1_t5"] = roles["unlimited"] = add(study.t5, study.seeds)
+    # Every cell at 2 seeds first, then claim 4's other seeds, then the
+    # others': a study stopped early has every cell, and claim 4 its seeds.
+    claim4 = set(roles["claim4"].values())
+    order = sorted(runs.values(), key=lambda r: (
+        0 if r["seed"] < 2 else 1 if r["cell"] in claim4 else 2, r["seed"]))
+    return order, roles
+
+
+def _with(section, **changes):
+    section = copy.deepcopy(section)
+    section.update(changes)
+    return section
+
+
+def _random_images(data_config, num_examples):
+    """`config.data` of random images shaped like `data_config`'s."""
+    return ml_collections.ConfigDict({
+        "name": RANDOM_IMAGES,
+        "image_size": data_config.get("image_size") or 32,
+        "channels": 1 if data_config.name == "digits" else 3,
+        "num_classes": images.NUM_CLASSES.get(data_config.name, 10),
+        "num_examples": num_examples})
+
+
+# === Runs ===
+
+def initial_nonzero(config, batches):
+    """Step-0 nonzero fraction per MLP: `{"train": {layer: f}, "eval":
+    {layer: f}}`, of the model `config` trains built with its seed, over
+    `batches` training batches and the whole evaluation split."""
+    keras.utils.set_random_seed(config.seed)
+    spec = registry.lookup(registry.MODELS, config.model.name,
+                           "config.model.name")
+    train_data, _ = data.load(config.data, "train", config.batch_size,
+                              train=True, seed=config.seed)
+    eval_data, _ = data.load(config.data, "test", config.eval.batch_size,
+                             train=False, seed=config.seed)
+    previous_policy = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy(config.mixed_precision)
+    try:
+        kwargs = dict(config.model)
+        del kwargs["name"]
+        model = spec.build(kwargs, registry.DataSpec(
+            train_data.element_spec, data.features(config.data)))
+        model(next(iter(train_data))[0], training=False)  # builds the metrics
+        mlps = model.sparse_mlps()
+        measured = {}
+        for split, stream in (("train", train_data.take(batches)),
+                              ("eval", eval_data)):
+            for mlp in mlps.values():
+                mlp.nonzero_fraction.reset_state()
+            for batch in stream:
+                model(batch[0], training=False)
+            measured[split] = {name: float(mlp.nonzero_fraction.result())
+                               for name, mlp in mlps.items()}
+    finally:
+        keras.mixed_precision.set_global_policy(previous_policy)
+    return measured
+
+
+def run(study, workdir, log=print):
+    """Trains the grid's missing runs in `<workdir>/runs/`, then writes
+    study.json, tables.md and the plots to `workdir`; returns the study
+    dict.
+
+    Several processes may run the same study at once (each takes a run by
+    creating its `lock`, holding its pid): a process that ends while
+    another still trains returns None and writes nothing; aggregate then
+    with `study.train = False`, which trains nothing and aggregates the
+    finished runs.
+    """
+    runs, roles = grid(study)
+    start = time.time()
+    results, elsewhere = [], []
+    for i, spec in enumerate(runs):
+        run_dir = os.path.join(workdir, "runs", spec["name"])
+        report_path = os.path.join(run_dir, "report.json")
+        init_path = os.path.join(run_dir, "init_nonzero.json")
+        config = spec["config"]
+        if not os.path.exists(report_path):
+            if not study.train:
+                continue
+            if not _take(run_dir):
+                elsewhere.append(spec["name"])
+                log(f"[{i + 1}/{len(runs)}] {spec['name']}: running in "
+                    f"another process")
+                continue
+            run_start = time.time()
+            if not os.path.exists(init_path):
+                _write_json(init_path, initial_nonzero(
+                    config, study.init_batches))
+                keras.backend.clear_session()
+            training.train(config, run_dir)
+            keras.backend.clear_session()
+            os.remove(os.path.join(run_dir, "lock"))
+            log(f"[{i + 1}/{len(runs)}] {spec['name']}: "
+                f"{time.time() - run_start:.0f} s, study "
+                f"{time.time() - start:.0f} s")
+        if not os.path.exists(init_path):  # a run trained before this code
+            _write_json(init_path, initial_nonzero(config,
+                                                   study.init_batches))
+            keras.backend.clear_session()
+        results.append({"name": spec["name"], "cell": spec["cell"],
+                        "seed": spec["seed"],
+                        "config": json.loads(json.dumps(config.to_dict(),
+                                                        default=str)),
+                        "init_nonzero": _read_json(init_path),
+                        "report": _read_json(report_path)})
+    if elsewhere:
+        log(f"{len(elsewhere)} runs were training in other processes: "
+            f"aggregate when they finish (study.train = False).")
+        return None
+    cells = {r["cell"] for r in results}
+    roles = _finished_roles(roles, cells)
+    summary = {"claims": aggregate(results, roles, study.confidence),
+               "roles": roles, "confidence": study.confidence,
+               "grid": {"runs": len(results), "cells": len(cells),
+                        "planned_runs": len(runs),
+                        "wall_time_s": round(sum(
+                            r["report"]["wall_time_s"] for r in results), 1)},
+               "runs": results}
+    _write_json(os.path.join(workdir, "study.json"), summary)
+    with open(os.path.join(workdir, "tables.md"), "w") as f:
+        f.write(tables(summary))
+    plot(summary, workdir)
+    return summary
+
+
+def _take(run_dir):
+    """Takes the run in `run_dir` for this process: False if a live process
+    holds its lock. A killed process's lock is taken over."""
+    os.makedirs(run_dir, exist_ok=True)
+    lock = os.path.join(run_dir, "lock")
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        try:
+            with open(lock) as f:
+                pid = int(f.read() or 0)
+        except (OSError, ValueError):
+            pid = 0
+        if pid and pid != os.getpid() and _alive(pid):
+            return False
+        fd = os.open(lock, os.O_WRONLY | os.O_TRUNC)
+    with os.fdopen(fd, "w") as f:
+        f.write(str(os.getpid()))
+    return True
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _finished_roles(roles, cells):
+    """`roles` without the cells that have no finished run."""
+    kept = {}
+    for role, value in roles.items():
+        if isinstance(value, dict):
+            kept[role] = {k: c for k, c in value.items() if c in cells}
+        elif value in cells:
+            kept[role] = value
+    return kept
+
+
+def _write_json(path, value):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(value, f, indent=1)
+    os.replace(tmp, path)
+
+
+def _read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+# === Statistics ===
+
+def interval(values, confidence=0.95):
+    """Mean of `values` with a two-sided t-interval: `{"mean", "low",
+    "high", "n"}`; low and high are None for fewer than 2 values."""
+    from scipy import stats
+
+    values = np.asarray(values, np.float64)
+    n = len(values)
+    mean = float(values.mean()) if n else float("nan")
+    if n < 2:
+        return {"mean": mean, "low": None, "high": None, "n": n}
+    half = stats.t.ppf(0.5 + confidence / 2, n - 1) * values.std(ddof=1) \
+        / math.sqrt(n)
+    return {"mean": mean, "low": float(mean - half),
+            "high": float(mean + half), "n": n}
+
+
+def verdict(stat, test):
+    """"agrees", "does not" or "not significant": `stat` (an `interval`)
+    against `test`: `(">", 0)`, `("<", 0)` or `("≈", target, margin)`."""
+    low, high = stat["low"], stat["high"]
+    if low is None:
+        return "not significant"
+    if test[0] in (">", "<"):
+        if low > test[1]:
+            return "agrees" if test[0] == ">" else "does not"
+        if high < test[1]:
+            return "agrees" if test[0] == "<" else "does not"
+        return "not significant"
+    target, margin = test[1], test[2]
+    if target - margin <= low and high <= target + margin:
+        return "agrees"
+    if high < target - margin or low > target + margin:
+        return "does not"
+    return "not significant"
+
+
+def _test_text(test):
+    if test[0] == "≈":
+        return f"≈ {test[1]:g} ± {test[2]:g}"
+    return f"{test[0]} {test[1]:g}"
+
+
+def _row(quantity, paper, values, test, confidence, unit="pts"):
+    stat = interval(values, confidence)
+    return {"quantity": quantity, "paper": paper, "test": _test_text(test),
+            "unit": unit, **stat, "values": [float(v) for v in values],
+            "verdict": verdict(stat, test)}
+
+
+def _layers(report):
+    return list(report["nonzero_fraction"])
+
+
+def _mean_layers(values):
+    return float(np.mean(list(values.values())))
+
+
+def _final_train(report):
+    return {layer: report["history"][f"{layer}/nonzero_fraction"][-1]
+            for layer in _layers(report)}
+
+
+def curves(result):
+    """`(steps, {"train": {layer: [...]}, "eval": {...}})` in percent,
+    from step 0 (measured before training) to the end."""
+    report = result["report"]
+    spe = report["steps_per_epoch"]
+    epochs = len(report["history"]["loss"])
+    steps = [0] + [spe * (e + 1) for e in range(epochs)]
+    out = {"train": {}, "eval": {}}
+    for layer in _layers(report):
+        for split, key in (("train", f"{layer}/nonzero_fraction"),
+                           ("eval", f"val_{layer}/nonzero_fraction")):
+            history = report["history"].get(key)
+            if history and len(history) == epochs:
+                out[split][layer] = [100 * result["init_nonzero"][split][
+                    layer]] + [100 * v for v in history]
+    return steps, out
+
+
+def aggregate(results, roles, confidence=0.95):
+    """Per claim, its rows: quantity, paper, test, mean, interval, verdict."""
+    by_cell = {}
+    for result in results:
+        by_cell.setdefault(result["cell"], {})[result["seed"]] = result
+    claims = {"claim1": [], "claim2": [], "claim3": [], "claim4": []}
+
+    def per_seed(cell, fn):
+        return [fn(r) for _, r in sorted(by_cell[cell].items())]
+
+    def paired(cell_a, cell_b, fn):
+        """fn(a) - fn(b) over the seeds both cells ran."""
+        seeds = sorted(set(by_cell[cell_a]) & set(by_cell[cell_b]))
+        return [fn(by_cell[cell_a][s]) - fn(by_cell[cell_b][s])
+                for s in seeds]
+
+    def init_eval(r):
+        return 100 * _mean_layers(r["init_nonzero"]["eval"])
+
+    def final_eval(r):
+        return 100 * r["report"]["mean_nonzero_fraction"]
+
+    def fall(r):
+        return init_eval(r) - final_eval(r)
+
+    # Claim 1.
+    for model in ("vit", "t5"):
+        cell = roles[f"claim1_{model}"]
+        name = {"vit": "ViT", "t5": "T5"}[model]
+        rows = claims["claim1"]
+        rows.append(_row(f"{name}: nonzero at initialization (%)", "≈ 50",
+                         per_seed(cell, init_eval), ("≈", 50, 5), confidence,
+                         unit="%"))
+        paper = PAPER_NONZERO[model]
+        rows.append(_row(
+            f"{name}: nonzero after training (%)",
+            f"{paper} ({'ViT-B/16' if model == 'vit' else 'T5-Base'})",
+            per_seed(cell, final_eval), ("≈", paper, paper), confidence,
+            unit="%"))
+        rows.append(_row(f"{name}: fall during training, init − final",
+                         "> 0", per_seed(cell, fall), (">", 0), confidence))
+        layers = _layers(next(iter(by_cell[cell].values()))["report"])
+        per_layer = [verdict(interval(per_seed(cell, lambda r, l=layer: 100 * (
+            r["init_nonzero"]["eval"][l] - r["report"]["nonzero_fraction"][
+                l])), confidence), (">", 0)) for layer in layers]
+        fell = per_layer.count("agrees")
+        rows.append({"quantity": f"{name}: MLPs whose nonzero fell "
+                                 f"(interval > 0)",
+                     "paper": "all", "test": "all", "unit": "MLPs",
+                     "mean": fell, "low": None, "high": None,
+                     "n": len(layers), "values": per_layer,
+                     "text": f"{fell} of {len(layers)}",
+                     "verdict": "agrees" if fell == len(layers) else
+                     "does not" if "does not" in per_layer else
+                     "not significant"})
+        rows.append(_row(
+            f"{name}: train − eval nonzero after training", "≈ 0",
+            per_seed(cell, lambda r: 100 * (_mean_layers(_final_train(
+                r["report"])) - r["report"]["mean_nonzero_fraction"])),
+            ("≈", 0, 2), confidence))
+
+    # Claim 2.
+    rows = claims["claim2"]
+    widths = sorted(roles["width"], key=int)
+    narrow, wide = roles["width"][widths[0]], roles["width"][widths[-1]]
+    rows.append(_row(f"nonzero, mlp_dim {widths[-1]} − {widths[0]}", "< 0",
+                     paired(wide, narrow, final_eval), ("<", 0), confidence))
+
+    def count(r):  # active neurons per token, mean over MLPs
+        return r["report"]["mean_nonzero_fraction"] * r["config"]["model"][
+            "mlp_dim"]
+    rows.append(_row(f"active units per token, mlp_dim {widths[-1]} − "
+                     f"{widths[0]}", "> 0", paired(wide, narrow, count),
+                     (">", 0), confidence, unit="units"))
+    depths = sorted(roles["depth"], key=int)
+    shallow, deep = roles["depth"][depths[0]], roles["depth"][depths[-1]]
+    rows.append(_row(f"nonzero, depth {depths[-1]} − {depths[0]} (mean "
+                     f"over MLPs)", "< 0", paired(deep, shallow, final_eval),
+                     ("<", 0), confidence))
+
+    def edges_minus_middle(r):
+        values = [r["report"]["nonzero_fraction"][l]
+                  for l in _layers(r["report"])]
+        if len(values) < 3:
+            return float("nan")
+        return 100 * (np.mean([values[0], values[-1]]) - np.mean(values[1:-1]))
+    if int(depths[-1]) >= 3:
+        rows.append(_row(f"depth {depths[-1]}: first & last − middle MLPs",
+                         "> 0", per_seed(deep, edges_minus_middle), (">", 0),
+                         confidence))
+
+    # Claim 3.
+    rows = claims["claim3"]
+    for role, name in (("random_labels", "ViT, random labels"),
+                       ("random_inputs", "ViT, random inputs"),
+                       ("unlimited", "T5, unlimited stream")):
+        rows.append(_row(f"{name}: fall during training, init − final",
+                         "> 0 (numbers not published)",
+                         per_seed(roles[role], fall), (">", 0), confidence))
+    rows.append(_row("random − clean labels, nonzero after training",
+                     "not published",
+                     paired(roles["random_labels"], roles["claim1_vit"],
+                            final_eval), ("<", 0), confidence))
+    rows[-1]["verdict"] = "—"
+
+    # Claim 4: Top-k minus dense, paired by seed.
+    rows = claims["claim4"]
+
+    def accuracy(r):
+        return 100 * r["report"]["eval"]["accuracy"]
+
+    def corrupted(name):
+        return lambda r: 100 * r["report"]["robustness"]["corruptions"][
+            name]["mean"]["accuracy"]
+
+    def ece(r):
+        return 100 * r["report"]["eval"]["expected_calibration_error"]
+
+    topks = sorted({key.split("/")[0] for key in roles["claim4"]} - {"dense"},
+                   key=lambda s: -int(s[3:]))
+    noises = sorted({key.split("/")[1] for key in roles["claim4"]})
+    corruptions = list(next(iter(by_cell[roles["claim4"]["dense/noise0"]]
+                                 .values()))["report"]["robustness"][
+                                     "corruptions"])
+    for topk in topks:
+        cells = {noise: (roles["claim4"][f"{topk}/{noise}"],
+                         roles["claim4"][f"dense/{noise}"])
+                 for noise in noises}
+        label = f"Top-{topk[3:]} − dense"
+        rows.append(_row(f"{label}: clean accuracy", "−0.02 (≈ 0)",
+                         paired(*cells["noise0"], accuracy), ("≈", 0, 1),
+                         confidence))
+        for noise in noises[1:]:
+            paper = PAPER_TABLE1.get(noise)
+            rows.append(_row(
+                f"{label}: accuracy, {float(noise[5:]):.0%} label noise",
+                f"{paper:+.2f}" if paper is not None else "not published",
+                paired(*cells[noise], accuracy), (">", 0), confidence))
+        for name in corruptions:
+            paper = PAPER_TABLE1.get(name)
+            rows.append(_row(
+                f"{label}: accuracy, {name.replace('_', ' ')} (5 severities)",
+                f"{paper:+.2f}" if paper is not None else "not published",
+                paired(*cells["noise0"], corrupted(name)), (">", 0),
+                confidence))
+        rows.append(_row(f"{label}: ECE, clean (15 bins)",
+                         f"{PAPER_TABLE1['ece']:+.2f}",
+                         paired(*cells["noise0"], ece), ("<", 0), confidence))
+    return claims
+
+
+# === Tables ===
+
+_TITLES = {
+    "claim1": "Claim 1: sparse at every layer, train and eval alike; ~50% "
+              "at initialization",
+    "claim2": "Claim 2: wider MLPs and deeper models are sparser",
+    "claim3": "Claim 3: sparsity emerges with random labels, random inputs, "
+              "unlimited data",
+    "claim4": "Claim 4: Top-k below the natural level vs dense ReLU "
+              "(paired by seed)",
+}
+
+
+def _fmt(value, digits=2):
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "—"
+    return f"{value:.{digits}f}"
+
+
+def tables(summary):
+    """Markdown: one table per claim (quantity, paper, ours, interval,
+    seeds, verdict)."""
+    pct = round(100 * summary["confidence"])
+    lines = [f"Ours: mean over seeds; interval: {pct}% t-interval "
+             f"(paired by seed for differences). Points (pts) are "
+             f"percentage points. Verdict rules: topk_sparse/study.py.", ""]
+    for claim, rows in summary["claims"].items():
+        lines += [f"### {_TITLES[claim]}", "",
+                  f"| quantity | paper | test | ours | {pct}% interval | "
+                  f"seeds | verdict |",
+                  "|---|---|---|---|---|---|---|"]
+        for row in rows:
+            ours = row.get("text") or f"{_fmt(row['mean'])} {row['unit']}"
+            span = ("—" if row["low"] is None else
+                    f"[{_fmt(row['low'])}, {_fmt(row['high'])}]")
+            lines.append(f"| {row['quantity']} | {row['paper']} | "
+                         f"{row['test']} | {ours} | {span} | "
+                         f"{'—' if 'text' in row else len(row['values'])} "
+                         f"| {row['verdict']} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+# === Plots ===
+
+def _band(ax, x, runs, label, style="-", color=None, confidence=0.95):
+    """Mean over seeds of equal-length series, with the t-interval band."""
+    runs = np.asarray(runs, np.float64)
+    stats = [interval(runs[:, i], confidence) for i in range(runs.shape[1])]
+    mean = [s["mean"] for s in stats]
+    line, = ax.plot(x, mean, style, color=color, label=label)
+    if stats[0]["low"] is not None:
+        ax.fill_between(x, [s["low"] for s in stats],
+                        [s["high"] for s in stats], color=line.get_color(),
+                        alpha=0.15, linewidth=0)
+    return line
+
+
+def plot(summary, workdir):
+    """Writes claim1..claim4 PNGs into `workdir`; returns their paths."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    conf = summary["confidence"]
+    by_cell = {}
+    for result in summary["runs"]:
+        by_cell.setdefault(result["cell"], []).append(result)
+    roles = summary["roles"]
+    paths = []
+
+    def save(fig, name):
+        path = os.path.join(workdir, name)
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+
+    def cell_curves(cell, split):
+        steps, per_layer, layers = None, {}, None
+        for result in by_cell[cell]:
+            steps, values = curves(result)
+            layers = list(values[split])
+            for layer in layers:
+                per_layer.setdefault(layer, []).append(values[split][layer])
+        return steps, per_layer, layers
+
+    # Claim 1: per MLP, train (solid) and eval (dashed) from step 0.
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, model, title in ((axes[0], "vit", "ViT"), (axes[1], "t5", "T5")):
+        cell = roles[f"claim1_{model}"]
+        colors = plt.cm.viridis(np.linspace(0, 0.9, len(_layers(
+            by_cell[cell][0]["report"]))))
+        for split, style in (("train", "-"), ("eval", "--")):
+            steps, per_layer, layers = cell_curves(cell, split)
+            for color, layer in zip(colors, layers):
+                _band(ax, steps, per_layer[layer], f"{layer} ({split})",
+                      style, color, conf)
+        ax.axhline(50, color="gray", linestyle=":", linewidth=1)
+        ax.set(xlabel="training step (0: before training)",
+               ylabel="nonzero MLP activations (%)",
+               title=f"{title} ({cell}, {len(by_cell[cell])} seeds)")
+        ax.legend(fontsize=6, ncol=2, loc="upper right")
+    fig.suptitle("Claim 1: nonzero share per MLP over training, train "
+                 "(solid) and eval (dashed) data")
+    save(fig, "claim1_sparsity_over_training.png")
+
+    # Claim 2: width and depth.
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    widths = sorted(roles["width"], key=int)
+    stats = [interval([100 * r["report"]["mean_nonzero_fraction"]
+                       for r in by_cell[roles["width"][w]]], conf)
+             for w in widths]
+    _errorbar(axes[0], [int(w) for w in widths], stats, "nonzero share (%)")
+    counts = [interval([r["report"]["mean_nonzero_fraction"] * int(w)
+                        for r in by_cell[roles["width"][w]]], conf)
+              for w in widths]
+    twin = axes[0].twinx()
+    _errorbar(twin, [int(w) for w in widths], counts,
+              "active units per token", color="tab:orange", marker="s")
+    axes[0].set_xscale("log", base=2)
+    axes[0].set(xlabel="mlp_dim", ylabel="nonzero MLP activations (%), eval",
+                title="Width: nonzero share and count after training")
+    twin.set_ylabel("active units per token")
+    handles = axes[0].get_legend_handles_labels()
+    more = twin.get_legend_handles_labels()
+    axes[0].legend(handles[0] + more[0], handles[1] + more[1], fontsize=8)
+    for depth in sorted(roles["depth"], key=int):
+        runs = by_cell[roles["depth"][depth]]
+        layers = _layers(runs[0]["report"])
+        stats = [interval([100 * r["report"]["nonzero_fraction"][l]
+                           for r in runs], conf) for l in layers]
+        _errorbar(axes[1], list(range(1, len(layers) + 1)), stats,
+                  f"depth {depth}")
+    axes[1].xaxis.set_major_locator(
+        matplotlib.ticker.MaxNLocator(integer=True))
+    axes[1].set(xlabel="block (1 = first)",
+                ylabel="nonzero MLP activations (%), eval",
+                title="Depth: nonzero share per block after training")
+    axes[1].legend(fontsize=8)
+    fig.suptitle(f"Claim 2: ViT, mean over seeds, {round(100 * conf)}% "
+                 f"t-intervals")
+    save(fig, "claim2_width_depth.png")
+
+    # Claim 3: mean over MLPs, eval data, from step 0.
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    for role, label in (("claim1_vit", "ViT, clean labels"),
+                        ("random_labels", "ViT, random labels"),
+                        ("random_inputs", "ViT, random inputs"),
+                        ("unlimited", "T5, unlimited stream")):
+        steps, per_layer, layers = cell_curves(roles[role], "eval")
+        mean = np.mean([per_layer[l] for l in layers], axis=0)
+        _band(ax, steps, mean, label, confidence=conf)
+    ax.axhline(50, color="gray", linestyle=":", linewidth=1)
+    ax.set(xlabel="training step (0: before training)",
+           ylabel="nonzero MLP activations (%), eval, mean over MLPs",
+           title="Claim 3: sparsity without real labels, inputs or "
+                 "repetition")
+    ax.legend(fontsize=8)
+    save(fig, "claim3_random.png")
+
+    # Claim 4: accuracy under label noise, corruptions, ECE.
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    models = sorted({key.split("/")[0] for key in roles["claim4"]},
+                    key=lambda s: (s != "dense", -int(s[3:] or 0)
+                                   if s != "dense" else 0))
+    noises = sorted({key.split("/")[1] for key in roles["claim4"]})
+    corruptions = list(by_cell[roles["claim4"]["dense/noise0"]][0][
+        "report"]["robustness"]["corruptions"])
+    for i, model in enumerate(models):
+        label = "dense ReLU" if model == "dense" else f"Top-{model[3:]}"
+        stats = [interval([100 * r["report"]["eval"]["accuracy"]
+                           for r in by_cell[roles["claim4"][
+                               f"{model}/{n}"]]], conf) for n in noises]
+        _errorbar(axes[0], [100 * float(n[5:]) + 1.5 * i for n in noises],
+                  stats, label)
+        clean = by_cell[roles["claim4"][f"{model}/noise0"]]
+        stats = [interval([100 * r["report"]["robustness"]["corruptions"][
+            c]["mean"]["accuracy"] for r in clean], conf)
+            for c in corruptions]
+        _errorbar(axes[1], [j + 0.15 * i for j in range(len(corruptions))],
+                  stats, label, linestyle="none")
+        stat = interval([100 * r["report"]["eval"][
+            "expected_calibration_error"] for r in clean], conf)
+        _errorbar(axes[2], [i], [stat], label, linestyle="none")
+    axes[0].set(xlabel="training labels replaced at random (%)",
+                ylabel="clean test accuracy (%)",
+                title="Label noise (trained noisy, tested clean)")
+    axes[1].set_xticks(range(len(corruptions)),
+                       [c.replace("_", " ") for c in corruptions])
+    axes[1].set(xlabel="corruption", ylabel="accuracy (%), mean of "
+                "severities", title="Input corruptions (trained clean)")
+    axes[2].set_xticks(range(len(models)), [
+        "dense" if m == "dense" else f"Top-{m[3:]}" for m in models])
+    axes[2].set(xlabel="model", ylabel="ECE (%), 15 bins, clean test",
+                title="Calibration")
+    for ax in axes:
+        ax.legend(fontsize=8)
+    fig.suptitle(f"Claim 4: Top-k vs dense ViT, mean over seeds, "
+                 f"{round(100 * conf)}% t-intervals")
+    save(fig, "claim4_topk.png")
+    return paths
+
+
+def _errorbar(ax, x, stats, label, color=None, marker="o", linestyle="-"):
+    mean = np.array([s["mean"] for s in stats])
+    low = np.array([s["mean"] if s["low"] is None else s["low"]
+                    for s in stats])
+    high = np.array([s["mean"] if s["high"] is None else s["high"]
+                     for s in stats])
+    ax.errorbar(x, mean, yerr=[mean - low, high - mean], label=label,
+                color=color, marker=marker, linestyle=linestyle, capsize=3)
