@@ -2,7 +2,8 @@
 
 For `"approx"` (TPU-KNN's binned top-k, the portable version off TPU) the
 measured recall must reach `recall_target`, and `ops.expected_recall` (the
-random-bin model) should predict it. `"statistical"` (the Gaussian cutoff)
+exact expectation over random positions of the top k, for the strided
+bins) should predict it. `"statistical"` (the Gaussian cutoff)
 has no recall target: its recall and the entries it keeps per row are
 reported. Two-stage scoring (`topk_sparse.scoring`: a rank-r first stage
 fitted to the layer's inputs, then `candidates` neurons rescored exactly)
@@ -10,7 +11,7 @@ reports its recall and the cosine of the MLP output to the exact path's.
 Recall counts the positive entries of the exact top-k that a method keeps.
 
 Rows come from two sources:
-- random: iid standard normal rows, `--rows` x `--n`; for two-stage
+- random: iid standard normal rows, `--rows` x `--mlp_dim`; for two-stage
   scoring, iid normal inputs of width `--width` through a random MLP (inputs
   that fill every direction: the worst case of a low-rank first stage);
 - trained: the MLPs of a trained model on its test split (two-stage scorers
