@@ -21,7 +21,8 @@ import tensorflow as tf
 
 from topk_sparse import checks, evaluation, registry
 from topk_sparse.models.transformer import TransformerBlock
-from topk_sparse.models.vit import resolve_variant
+from topk_sparse.data.text import PAD_ID
+from topk_sparse.models.common import ArgumentsConfig, resolve_variant
 
 # Raffel et al., arXiv 1910.10683, Sec. 3.1.1 and Sec. 3.7 ("Small", "Base",
 # "Large"): d_model -> width, d_ff -> mlp_dim, layers per stack -> depth;
@@ -34,8 +35,6 @@ T5_VARIANTS = {
     "tiny": dict(width=64, depth=2, num_heads=4, mlp_dim=256),
 }
 
-PAD_ID = 0
-"""Padding id, masked in attention; also the decoder's start id (as in T5)."""
 
 MAX_GENERATE_LENGTH = 4096
 """Most tokens `T5.generate` decodes per call. Its key/value caches are
@@ -188,7 +187,7 @@ class SharedEmbedding(keras.layers.Layer):
 
 
 @keras.saving.register_keras_serializable(package="topk_sparse")
-class T5(keras.Model):
+class T5(ArgumentsConfig, keras.Model):
     """T5 encoder-decoder whose MLPs keep the top `k` activations per token.
 
     A functional model, built when made (it can be made inside a
@@ -291,19 +290,11 @@ class T5(keras.Model):
         super().__init__(inputs=inputs, outputs=logits, dtype=dtype, **kwargs)
 
         # === Config ===
-        self.variant = variant
-        self.vocab_size = vocab_size
-        self.width = dims["width"]
-        self.depth = dims["depth"]
-        self.num_heads = dims["num_heads"]
-        self.mlp_dim = dims["mlp_dim"]
-        self.k = k
-        self.method = method
-        self.recall_target = recall_target
-        self.implementation = implementation
-        self.dropout_rate = dropout_rate
-        self.num_buckets = num_buckets
-        self.max_distance = max_distance
+        self._keep_arguments(
+            variant=variant, vocab_size=vocab_size, **dims, k=k,
+            method=method, recall_target=recall_target,
+            implementation=implementation, dropout_rate=dropout_rate,
+            num_buckets=num_buckets, max_distance=max_distance)
 
     # These three serve both the functional graph (Keras tensors) and
     # `generate` (TensorFlow tensors): hence `keras.ops`, not `tf`.
@@ -498,30 +489,6 @@ class T5(keras.Model):
         entries."""
         return {block.mlp.name: block.mlp
                 for block in (*self.encoder_blocks, *self.decoder_blocks)}
-
-    def get_config(self):
-        return {
-            "name": self.name,
-            "trainable": self.trainable,
-            "dtype": keras.dtype_policies.serialize(self.dtype_policy),
-            "variant": self.variant,
-            "vocab_size": self.vocab_size,
-            "width": self.width,
-            "depth": self.depth,
-            "num_heads": self.num_heads,
-            "mlp_dim": self.mlp_dim,
-            "k": self.k,
-            "method": self.method,
-            "recall_target": self.recall_target,
-            "implementation": self.implementation,
-            "dropout_rate": self.dropout_rate,
-            "num_buckets": self.num_buckets,
-            "max_distance": self.max_distance,
-        }
-
-    @classmethod
-    def from_config(cls, config):
-        return cls(**config)
 
 
 def _token_chooser(temperature, top_k, top_p, seed, vocab_size):

@@ -10,7 +10,8 @@ paper's ViT, arXiv 2210.06313) rather than the original GELU, so that
 import keras
 import tensorflow as tf
 
-from topk_sparse import checks, evaluation, registry
+from topk_sparse import evaluation, registry
+from topk_sparse.models.common import ArgumentsConfig, resolve_variant
 from topk_sparse.models.transformer import TransformerBlock
 
 # ViT-B and ViT-L: Dosovitskiy et al., arXiv 2010.11929, Table 1 ("Hidden
@@ -32,29 +33,6 @@ VIT_VARIANTS = {
 }
 
 POOLINGS = ("cls", "gap")
-
-_ARCHITECTURE = ("width", "depth", "num_heads", "mlp_dim", "patch_size")
-
-
-def resolve_variant(table, variant, model, **explicit):
-    """The architecture of `variant` from `table`, with `explicit` overrides.
-
-    Every key of the table's entries must end up set: from the variant, or
-    from an explicit (not None) argument.
-    """
-    if variant is not None and variant not in table:
-        raise ValueError(
-            f"Unknown {model} variant {variant!r}: choose one of "
-            f"{sorted(table)}, or give the dimensions explicitly.")
-    resolved = dict(table[variant]) if variant is not None else {}
-    resolved.update({k: v for k, v in explicit.items() if v is not None})
-    missing = [k for k in explicit if resolved.get(k) is None]
-    if missing:
-        raise ValueError(
-            f"{model} needs a variant (one of {sorted(table)}) or all of "
-            f"{list(explicit)}; missing {missing}.")
-    return {name: checks.positive_int(value, name)
-            for name, value in resolved.items()}
 
 
 @keras.saving.register_keras_serializable(package="topk_sparse")
@@ -96,7 +74,7 @@ class PositionEmbedding(keras.layers.Layer):
 
 
 @keras.saving.register_keras_serializable(package="topk_sparse")
-class ViT(keras.Model):
+class ViT(ArgumentsConfig, keras.Model):
     """Vision Transformer classifier whose MLPs keep the top `k` activations.
 
     A functional model, built when made: its MLPs and their sparsity metrics
@@ -198,53 +176,17 @@ class ViT(keras.Model):
         super().__init__(inputs=images, outputs=logits, dtype=dtype, **kwargs)
 
         # === Config ===
-        self.variant = variant
-        self.image_size = image_size
-        self.num_classes = num_classes
-        self.patch_size = dims["patch_size"]
-        self.width = dims["width"]
-        self.depth = dims["depth"]
-        self.num_heads = dims["num_heads"]
-        self.mlp_dim = dims["mlp_dim"]
-        self.channels = channels
-        self.k = k
-        self.method = method
-        self.recall_target = recall_target
-        self.implementation = implementation
-        self.pooling = pooling
-        self.dropout_rate = dropout_rate
+        self._keep_arguments(
+            variant=variant, image_size=image_size, num_classes=num_classes,
+            **dims, channels=channels, k=k, method=method,
+            recall_target=recall_target, implementation=implementation,
+            pooling=pooling, dropout_rate=dropout_rate)
 
     def sparse_mlps(self):
         """Every `SparseMLP` by name, `{"encoder_block_<i>_mlp": layer}`, in
         depth order: the name of its `fit` log keys, TensorBoard tags and
         report entries."""
         return {block.mlp.name: block.mlp for block in self.blocks}
-
-    def get_config(self):
-        return {
-            "name": self.name,
-            "trainable": self.trainable,
-            "dtype": keras.dtype_policies.serialize(self.dtype_policy),
-            "variant": self.variant,
-            "image_size": self.image_size,
-            "num_classes": self.num_classes,
-            "patch_size": self.patch_size,
-            "width": self.width,
-            "depth": self.depth,
-            "num_heads": self.num_heads,
-            "mlp_dim": self.mlp_dim,
-            "channels": self.channels,
-            "k": self.k,
-            "method": self.method,
-            "recall_target": self.recall_target,
-            "implementation": self.implementation,
-            "pooling": self.pooling,
-            "dropout_rate": self.dropout_rate,
-        }
-
-    @classmethod
-    def from_config(cls, config):
-        return cls(**config)
 
 
 def _build(kwargs, data):
