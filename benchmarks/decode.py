@@ -21,8 +21,9 @@ tf.function reduction over them. The cases of a batch and mode, the probes
 included, are interleaved repeat by repeat (see topk_mlp.measure), so that
 a busy moment of this shared machine hits them all alike; ratios use
 medians: `throughput_ratio` is tokens/s over the dense model's tokens/s
-(>1: faster), `step_over_probe` the step time over the probe time (1: the
-memory-bound limit).
+(>1: faster; the encoder included), `step_ratio` the dense model's step
+time over the case's (decoding alone), `step_over_probe` the step time over
+the probe time (1: the memory-bound limit).
 
 `--profile` adds, at batch 1, the time of the parts of one decoding step
 timed apart (all blocks' self- and cross-attention with their norms, all
@@ -174,11 +175,14 @@ def _step_parts(model, batch, args, jit):
 
 
 RATIO_COLUMNS = ["variant", "batch", "mode", "dense tokens/s", "masked",
-                 "default", "two-stage", "dense step/probe"]
+                 "default", "two-stage", "default step", "two-stage step",
+                 "dense step/probe"]
 
 
 def ratio_table(rows):
-    """One row per variant, batch and mode: the ratios of `rows`."""
+    """One row per variant, batch and mode: tokens/s over dense tokens/s of
+    `generate` (encoder included) per Top-k case, dense step time over the
+    case's step time (decoding alone), dense step over probe time."""
     groups = {}
     for row in rows:
         key = (row["variant"], row["batch"], row["mode"])
@@ -186,8 +190,11 @@ def ratio_table(rows):
         if row["case"] == "dense":
             group["dense tokens/s"] = row["tokens_per_s"]
             group["dense step/probe"] = row["step_over_probe"]
-        else:
-            group[row["case"].split(" ", 1)[1]] = row["throughput_ratio"]
+            continue
+        path = row["case"].split(" ", 1)[1]
+        group[path] = row["throughput_ratio"]
+        if f"{path} step" in RATIO_COLUMNS:
+            group[f"{path} step"] = row["step_ratio"]
     return list(groups.values())
 
 
@@ -245,6 +252,8 @@ def main():
                          for name in probes}
                 probe_ms = 1e3 * min(probe.values())
                 dense = float(np.median(times["dense"]))
+                dense_step = (dense - float(np.median(
+                    times["dense encoder"]))) / args.max_length
                 for name in models:
                     generate = float(np.median(times[name]))
                     encode = float(np.median(times[f"{name} encoder"]))
@@ -256,6 +265,7 @@ def main():
                         "encode_ms": 1e3 * encode, "step_ms": 1e3 * step,
                         "tokens_per_s": batch * args.max_length / generate,
                         "throughput_ratio": dense / generate,
+                        "step_ratio": dense_step / step,
                         "probe_ms": probe_ms,
                         "step_over_probe": 1e3 * step / probe_ms})
                 print(f"  batch {batch}, {mode}: "
@@ -283,8 +293,9 @@ def main():
         "probe's", result["rows"],
         ["variant", "batch", "mode", "case", "generate_ms", "step_ms",
          "probe_ms", "tokens_per_s", "throughput_ratio", "step_over_probe"])
-    print_table("Side by side: dense tokens/s, each Top-k case's tokens/s "
-                "over dense (>1: faster), dense step / probe",
+    print_table("Side by side: dense tokens/s; each Top-k case's tokens/s "
+                "over dense (>1: faster), encoder included; dense step time "
+                "over the case's (decoding alone); dense step / probe",
                 ratio_table(result["rows"]), RATIO_COLUMNS)
     if result["profile"]:
         print_table("Parts of a batch-1 decoding step, timed apart",
