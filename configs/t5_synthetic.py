@@ -9,9 +9,12 @@ the "epochs" are just reporting intervals.
         --config.model.k=None --workdir=/tmp/topk_sparse/t5_dense
     python -m trainers.t5 --config=configs/t5_synthetic.py:runlocal  # seconds
 
-Expected: about 99.9% token accuracy and 99-100% exact match of greedy
-decoding, dense or Top-64, in about 1-3 minutes on a 2-core CPU; the
-measured numbers are in README.md, Results.
+Measured (2-core CPU, TF 2.20, float32, jit_compile, seed 0; 1,000 steps of
+64 sequences): token accuracy on 512 test sequences, exact match of greedy
+decoding on 256, mean nonzero fraction, wall time:
+
+    k=None (dense)  99.98% tokens  100.0% exact  42.6% nonzero   58 s
+    k=64 (default)  99.96% tokens   99.2% exact  25.0% nonzero  103 s
 """
 
 import ml_collections
