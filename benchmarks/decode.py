@@ -112,7 +112,7 @@ def step_weights(model):
 
 
 def memory_probes(model):
-    """`{"probe jit": fn, "probe tf.function": fn}`: each reads
+    """`{"probe tf.function": fn, "probe jit_compile": fn}`: each reads
     `step_weights(model)` once (a sum of each)."""
     weights = step_weights(model)
 
