@@ -117,7 +117,7 @@ def train(config, workdir, strategy=None):
             with _config_errors("config.model"):
                 model = spec.build(model_kwargs, registry.DataSpec(
                     train_data.element_spec, data.features(config.data)))
-            if not model.built:  # BackupAndRestore needs the variables
+            if not model.built:  # checkpoint.restore needs the variables
                 model(next(iter(train_data))[0])
             model.compile(
                 optimizer=optimizers.make(config.optimizer, total_steps),

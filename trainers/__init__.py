@@ -122,7 +122,7 @@ def default_workdir(config):
 
 def _config_file_message(argv, error):
     """One line for a `--config` file that could not be loaded."""
-    spec = _config_spec(argv) or _default_config
+    spec = _config_spec(argv)
     path = str(spec).partition(":")[0]
     if not os.path.exists(path):
         known = sorted(name for name in os.listdir(CONFIGS)
@@ -143,7 +143,7 @@ def _fail(message):
 def _unknown_key_message(argv):
     """Names the first `--config.<path>` override whose path does not exist,
     with the keys valid at that level."""
-    spec = _config_spec(argv) or _default_config
+    spec = _config_spec(argv)
     path, _, arg = str(spec).partition(":")
     try:
         values = _load_config(path, arg)
@@ -177,10 +177,10 @@ def _load_config(path, arg):
 
 
 def _config_spec(argv):
-    """The value given to `--config`, or None."""
+    """The value given to `--config`, else the binary's default config."""
     for i, item in enumerate(argv):
         if item.startswith(("--config=", "-config=")):
             return item.split("=", 1)[1]
         if item in ("--config", "-config") and i + 1 < len(argv):
             return argv[i + 1]
-    return None
+    return _default_config
