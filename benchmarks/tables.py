@@ -27,6 +27,7 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 README = os.path.join(HERE, "README.md")
 BASELINE = "dense relu"  # the case every ratio is measured against
+T5_BASELINE = "dense"  # decode.py's
 
 
 def cell(key, value):
@@ -139,15 +140,74 @@ def vit_train(result):
                                        "images_per_s", "throughput_ratio"]))
 
 
+def decode(result):
+    args = result["args"]
+    # One row per variant, batch and mode; one column per Top-k case with
+    # "throughput_ratio / step_ratio" in each (both > 1: faster than dense).
+    cases = [case for case in unique(r["case"] for r in result["rows"])
+             if case != T5_BASELINE]
+    rows = []
+    for (variant, batch, mode), by_case in grouped(
+            result["rows"], ["variant", "batch", "mode"], "case"):
+        ratios = [f"{cell('throughput_ratio', by_case[c]['throughput_ratio'])}"
+                  f" / {cell('step_ratio', by_case[c]['step_ratio'])}"
+                  if c in by_case else "-" for c in cases]
+        dense = by_case[T5_BASELINE]
+        rows.append([variant, str(batch), mode,
+                     cell("tokens_per_s", dense["tokens_per_s"]), *ratios,
+                     cell("step_over_probe", dense["step_over_probe"])])
+    weights = ", ".join(f"{p['variant']} {p['weights_mb']:.1f} MB"
+                        for p in result["probes"])
+    recalls = ", ".join(f"{cell('two_stage_recall', p['two_stage_recall'])} "
+                        f"({p['variant']})" for p in result["probes"])
+    text = (f"**Decoding** (`T5.generate`, greedy, {args['source_length']} "
+            f"source tokens, {args['max_length']} generated, random "
+            "weights): the dense model's tokens/s; per Top-k case "
+            "`throughput_ratio / step_ratio`, its tokens/s over dense's "
+            "(encoder included), then the dense step time over its own "
+            "(decoding alone); the dense step time over the memory probe's, "
+            f"the time to read once the weights a step reads ({weights}). "
+            f"Two-stage scoring keeps {recalls} of the exact top-k on these "
+            "weights.\n\n"
+            + markdown(["variant", "batch", "mode", "dense tokens/s", *cases,
+                        "dense step/probe"], rows))
+    # The profile is there only with --profile (an empty list without).
+    if not result.get("profile"):
+        return text
+    parts = unique(r["part"] for r in result["profile"])
+    steps = [[variant, mode, case,
+              *(cell("median_ms", by_part[p]["median_ms"]) if p in by_part
+                else "-" for p in parts)]
+             for (variant, mode, case), by_part in grouped(
+                 result["profile"], ["variant", "mode", "case"], "part")]
+    return (text + "\n\n**Parts of a batch-1 decoding step**, each over all "
+            "decoder blocks and timed apart: median_ms.\n\n"
+            + markdown(["variant", "mode", "case", *parts], steps))
+
+
 RENDERERS = {
     "topk_mlp.json": topk_mlp,
     "recall.json": recall,
     "vit_train.json": vit_train,
+    "decode.json": decode,
 }
 
 
+# A default that is an expression (decode.py's `list(MODES)`) is unknown
+# without importing the script: `command` always writes its flag.
+NOT_A_LITERAL = object()
+
+
+def _literal(node):
+    try:
+        return ast.literal_eval(node)
+    except ValueError:
+        return NOT_A_LITERAL
+
+
 def script_defaults(script):
-    """`{dest: default}` of the `add_argument` calls in `script`'s source."""
+    """`{dest: default}` of the `add_argument` calls in `script`'s source;
+    `NOT_A_LITERAL` where the default is not a Python literal."""
     with open(script) as f:
         tree = ast.parse(f.read())
     defaults = {}
@@ -155,7 +215,7 @@ def script_defaults(script):
         if not (isinstance(node, ast.Call)
                 and getattr(node.func, "attr", None) == "add_argument"):
             continue
-        keywords = {k.arg: ast.literal_eval(k.value) for k in node.keywords
+        keywords = {k.arg: _literal(k.value) for k in node.keywords
                     if k.arg in ("default", "action")}
         flag_only = keywords.get("action") == "store_true"
         default = keywords.get("default", False if flag_only else None)
@@ -168,8 +228,9 @@ def script_defaults(script):
 
 def command(script, args):
     """The command line that runs `script` with the recorded `args`: the
-    flags that differ from the script's defaults. Recorded args that the
-    script no longer has (renamed flags) are left out."""
+    flags that differ from the script's defaults, and those whose default
+    is not a literal. Recorded args that the script no longer has (renamed
+    flags) are left out."""
     defaults = script_defaults(script)
     words = ["python", os.path.relpath(script, os.path.dirname(HERE))]
     for key, value in args.items():

@@ -22,6 +22,12 @@ def test_readme_tables_match_committed_json():
     assert result.returncode == 0, result.stderr
 
 
+def test_every_benchmark_json_has_a_renderer():
+    committed = {name for name in os.listdir(os.path.dirname(TABLES))
+                 if name.endswith(".json")}
+    assert committed == set(tables.RENDERERS)
+
+
 def test_check_names_the_stale_region(tmp_path, monkeypatch, capsys):
     with open(tables.README) as f:
         text = f.read()
@@ -80,6 +86,65 @@ batch): the dense call's median_ms and each case's time / dense time.
 | 8 | jit_compile | 4.0 | - | 1.500 |"""
 
 
+def _decode_row(batch, mode, case, tokens_per_s, throughput, step, probe):
+    return {"variant": "tiny", "batch": batch, "mode": mode, "case": case,
+            "tokens_per_s": tokens_per_s, "throughput_ratio": throughput,
+            "step_ratio": step, "step_over_probe": probe}
+
+
+def _decode_result(profile):
+    rows = [_decode_row(1, "jit_compile", "dense", 40.0, 1.0, 1.0, 1.0944),
+            _decode_row(1, "jit_compile", "top-8 default", 47.6, 1.19, 1.2241,
+                        0.894),
+            _decode_row(1, "jit_compile", "top-8 two-stage", 54.9, 1.3731,
+                        1.438, 0.761),
+            _decode_row(16, "jit_compile", "dense", 245.7, 1.0, 1.0, 2.861),
+            _decode_row(16, "jit_compile", "top-8 default", 218.2, 0.888,
+                        0.93, 3.076)]
+    return {"args": {"source_length": 4, "max_length": 3},
+            "probes": [{"variant": "tiny", "weights_mb": 0.25,
+                        "two_stage_recall": 0.8106}],
+            "rows": rows, "profile": profile}
+
+
+DECODE_TABLE = """\
+**Decoding** (`T5.generate`, greedy, 4 source tokens, 3 generated, random \
+weights): the dense model's tokens/s; per Top-k case \
+`throughput_ratio / step_ratio`, its tokens/s over dense's (encoder \
+included), then the dense step time over its own (decoding alone); the \
+dense step time over the memory probe's, the time to read once the weights \
+a step reads (tiny 0.2 MB). Two-stage scoring keeps 0.811 (tiny) of the \
+exact top-k on these weights.
+
+| variant | batch | mode | dense tokens/s | top-8 default | top-8 two-stage \
+| dense step/probe |
+| --- | --- | --- | --- | --- | --- | --- |
+| tiny | 1 | jit_compile | 40.000 | 1.190 / 1.224 | 1.373 / 1.438 | 1.094 |
+| tiny | 16 | jit_compile | 245.700 | 0.888 / 0.930 | - | 2.861 |"""
+
+
+def test_decode_renderer_without_profile():
+    assert tables.decode(_decode_result([])) == DECODE_TABLE
+
+
+def test_decode_renderer_with_profile():
+    profile = [{"variant": "tiny", "mode": "jit_compile", "case": case,
+                "part": part, "median_ms": ms}
+               for case, parts in (("dense", (12.41, 12.61, 3.57)),
+                                   ("top-8 default", (11.9, 7.82, 3.99)))
+               for part, ms in zip(("attention", "mlp", "output projection"),
+                                   parts)]
+    assert tables.decode(_decode_result(profile)) == DECODE_TABLE + """
+
+**Parts of a batch-1 decoding step**, each over all decoder blocks and \
+timed apart: median_ms.
+
+| variant | mode | case | attention | mlp | output projection |
+| --- | --- | --- | --- | --- | --- |
+| tiny | jit_compile | dense | 12.4 | 12.6 | 3.6 |
+| tiny | jit_compile | top-8 default | 11.9 | 7.8 | 4.0 |"""
+
+
 def test_command_lists_only_flags_off_their_defaults(tmp_path):
     script = tmp_path / "bench.py"
     script.write_text(
@@ -93,3 +158,18 @@ def test_command_lists_only_flags_off_their_defaults(tmp_path):
             "json": "/tmp/b.json", "d": 3}  # "d": a flag since renamed
     assert tables.command(str(script), args).endswith(
         "bench.py --ks 8 16 --variant=B/16")
+
+
+def test_command_writes_flags_whose_default_is_not_a_literal(tmp_path):
+    # decode.py's `--modes` defaults to `list(MODES)`: unknown without
+    # importing the script, so the command spells it out.
+    script = tmp_path / "bench.py"
+    script.write_text(
+        "import argparse\n"
+        "MODES = {'tf.function': False, 'jit_compile': True}\n"
+        "parser = argparse.ArgumentParser()\n"
+        "parser.add_argument('--modes', nargs='+', default=list(MODES))\n"
+        "parser.add_argument('--repeats', type=int, default=3)\n")
+    args = {"modes": ["tf.function", "jit_compile"], "repeats": 3}
+    assert tables.command(str(script), args).endswith(
+        "bench.py --modes tf.function jit_compile")
