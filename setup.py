@@ -19,7 +19,11 @@ setup(
                 "for TensorFlow / Keras 3, TPU-first.",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    packages=find_packages(include=["topk_sparse", "topk_sparse.*"]),
+    # configs/ (the trainers' --config files) installs as topk_sparse.configs,
+    # so that notebooks and user code import them without a checkout.
+    packages=[*find_packages(include=["topk_sparse", "topk_sparse.*"]),
+              "topk_sparse.configs"],
+    package_dir={"topk_sparse.configs": "configs"},
     python_requires=">=3.10",
     install_requires=[
         "keras>=3.10,<4",

@@ -144,7 +144,7 @@ def random_two_stage(args):
 
 
 def train_wide_vit(workdir):
-    from configs import vit_digits
+    from topk_sparse.configs import vit_digits
 
     config = vit_digits.get_config()
     config.model.k = None  # dense ReLU: the activations the paper measures

@@ -34,8 +34,8 @@ A Top-k run takes about 2.5x a dense one here (exact top_k without XLA).
 
 import ml_collections
 
-from configs import common, t5_small_c4, t5_synthetic, vit_cifar10, \
-    vit_digits
+from topk_sparse.configs import (common, t5_small_c4, t5_synthetic,
+                                 vit_cifar10, vit_digits)
 
 
 def get_config(arg=None):

@@ -19,7 +19,7 @@ on the machine this was written on); bytes, not SentencePiece: see
 t5_small_c4.py.
 """
 
-from configs import t5_small_c4
+from topk_sparse.configs import t5_small_c4
 
 
 def get_config(arg=None):

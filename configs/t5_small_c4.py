@@ -30,7 +30,7 @@ and accuracy are per byte and not comparable with SentencePiece T5.
 
 import ml_collections
 
-from configs import common
+from topk_sparse.configs import common
 
 
 def get_config(arg=None, variant="small"):

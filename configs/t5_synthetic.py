@@ -19,7 +19,7 @@ decoding on 256, mean nonzero fraction, wall time:
 
 import ml_collections
 
-from configs import common
+from topk_sparse.configs import common
 
 
 def get_config(arg=None):

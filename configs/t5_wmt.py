@@ -35,7 +35,7 @@ tokens), and a longer sentence is truncated, as in T5.
 
 import ml_collections
 
-from configs import common
+from topk_sparse.configs import common
 
 
 def get_config(arg=None):

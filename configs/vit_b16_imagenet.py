@@ -28,7 +28,7 @@ dense baseline to about 75% before comparing Top-k with Table 1.
 
 import ml_collections
 
-from configs import common
+from topk_sparse.configs import common
 
 
 def get_config(arg=None):

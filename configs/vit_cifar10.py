@@ -23,7 +23,7 @@ CIFAR-10; measure dense and Top-k side by side before quoting either.
 
 import ml_collections
 
-from configs import common
+from topk_sparse.configs import common
 
 
 def get_config(arg=None):

@@ -28,7 +28,7 @@ and XLA compilation.
 
 import ml_collections
 
-from configs import common
+from topk_sparse.configs import common
 
 
 def get_config(arg=None):

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from configs import vit_digits
+from topk_sparse.configs import vit_digits
 from topk_sparse import training
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

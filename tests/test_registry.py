@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from configs import common
+from topk_sparse.configs import common
 from topk_sparse import evaluation, registry, training
 from topk_sparse.layers import SparseMLP
 

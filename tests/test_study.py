@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from configs import study as study_config
+from topk_sparse.configs import study as study_config
 from topk_sparse import study, training
 
 VERDICTS = {"agrees", "does not", "not significant", "—"}

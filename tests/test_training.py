@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from configs import common
+from topk_sparse.configs import common
 from tests.devices import mirrored_strategy
 from tests.events import read_events, read_scalars
 from tests.mock_tfds import mocked_tfds
@@ -117,6 +117,8 @@ def test_train_runlocal_one_device_jit(tmp_path):
     # Top-32 of mlp_dim 128, per MLP in depth order, measured on test data.
     assert list(report["nonzero_fraction"]) == [
         "encoder_block_0_mlp", "encoder_block_1_mlp"]
+    assert report["mlp_dim"] == {"encoder_block_0_mlp": 128,
+                                 "encoder_block_1_mlp": 128}
     for value in report["nonzero_fraction"].values():
         assert 0.0 < value <= 32 / 128
     # TensorBoard got the losses per epoch, and each MLP's sparsity once:
