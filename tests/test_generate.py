@@ -20,8 +20,8 @@ import pytest
 import tensorflow as tf
 
 from topk_sparse import ops, scoring
-from topk_sparse.models import T5, RelativePositionBias, TransformerBlock
-from topk_sparse.models.t5 import MAX_GENERATE_LENGTH
+from topk_sparse.models import (MAX_GENERATE_LENGTH, T5,
+                                RelativePositionBias, TransformerBlock)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB = 20

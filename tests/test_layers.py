@@ -33,6 +33,18 @@ def test_topk_activation(method, tmp_path):
     assert float(sparsity.token_count.numpy()) == 10 * 5
 
 
+def test_topk_activation_without_k_is_a_measured_relu(tmp_path):
+    _, history = check_layer(TopKActivation, {"k": None}, (5, 12), (5, 12),
+                             0, tmp_path)
+    assert 0 < history.history["under_test/nonzero_fraction"][0] < 1
+    layer = TopKActivation(None)
+    x = np.random.default_rng(0).normal(size=(4, 12)).astype("float32")
+    np.testing.assert_array_equal(layer(x), np.maximum(x, 0))
+    assert float(layer.nonzero_fraction.result()) == pytest.approx(
+        np.mean(x > 0))
+    assert layer.recall is None
+
+
 @pytest.mark.parametrize("kwargs", [
     {"k": None},
     {"k": 4, "method": "exact"},
@@ -144,6 +156,7 @@ def test_top_level_exports():
     assert topk_sparse.TopKActivation is TopKActivation
     assert topk_sparse.SparseMLP is SparseMLP
     assert topk_sparse.ops.topk_mask is not None
+    assert topk_sparse.distribute.get_strategy is not None
 
 
 @pytest.mark.parametrize("kwargs,error,match", [

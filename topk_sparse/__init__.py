@@ -5,7 +5,7 @@ Layers that keep, per token, only the `k` largest MLP activations
 `approx_max_k` (arXiv 2206.14286) on TPU.
 """
 
-from topk_sparse import ops, scoring
+from topk_sparse import distribute, ops, scoring
 # Register ViT, T5, their layers and the learning-rate schedules with Keras
 # (a trainer's model.keras loads after `import topk_sparse`), and the models
 # with the trainer.
@@ -21,6 +21,6 @@ __version__ = "0.1.0"
 __all__ = [
     "NonzeroFraction", "BrierScore", "CalibrationCallback",
     "ExpectedCalibrationError", "NegativeLogLikelihood", "SparseMLP",
-    "SparsityCallback", "TopKActivation", "models", "ops", "optimizers",
-    "scoring",
+    "SparsityCallback", "TopKActivation", "distribute", "models", "ops",
+    "optimizers", "scoring",
 ]

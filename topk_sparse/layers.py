@@ -67,8 +67,10 @@ class TopKActivation(keras.layers.Layer):
     above a per-token cutoff: about `k`.)
 
     Args:
-      k: int. Number of activations kept per token. Must not exceed the size
-        of the last input dimension.
+      k: int or None. Number of activations kept per token. Must not
+        exceed the size of the last input dimension. None keeps every
+        positive activation: a plain ReLU that still measures its sparsity
+        (the dense baseline, as `SparseMLP(k=None)`).
       method: str. `"auto"` (default: `"approx"` on TPU, `"exact"`
         elsewhere), `"exact"` (`tf.math.top_k`), `"approx"` (TPU-KNN's
         binned top-k: `tf.math.approx_max_k` on TPU) or `"statistical"`
@@ -95,7 +97,7 @@ class TopKActivation(keras.layers.Layer):
     def __init__(self, k, method="auto", recall_target=0.95,
                  track_sparsity=True, **kwargs):
         super().__init__(**kwargs)
-        self.k = ops.validate_k(k)
+        self.k = None if k is None else ops.validate_k(k)
         self.method = ops.validate_method(method)
         self.recall_target = ops.validate_recall_target(recall_target)
         self.track_sparsity = bool(track_sparsity)
@@ -107,14 +109,18 @@ class TopKActivation(keras.layers.Layer):
             raise ValueError(
                 f"TopKActivation {self.name!r} needs a known last dimension, "
                 f"got input shape {input_shape}.")
-        ops.validate_k(self.k, mlp_dim)
+        if self.k is not None:
+            ops.validate_k(self.k, mlp_dim)
         self.nonzero_fraction = _sparsity_metric(self, mlp_dim)
         self.recall = _recall_metric(self)
 
     def call(self, inputs):
         _check_floating(inputs, self)
-        outputs = ops.topk_mask(inputs, self.k, self.method,
-                                self.recall_target)
+        if self.k is None:
+            outputs = tf.nn.relu(inputs)
+        else:
+            outputs = ops.topk_mask(inputs, self.k, self.method,
+                                    self.recall_target)
         if self.nonzero_fraction is not None:
             self.nonzero_fraction.update_state(outputs)
         if self.recall is not None:

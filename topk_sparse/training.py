@@ -183,6 +183,7 @@ def train(config, workdir, strategy=None):
         sparsity = callbacks.sparse_layers(model)
         nonzero = {path: float(m.result()) for path, m in sparsity.items()}
         dead = {path: float(m.dead_fraction()) for path, m in sparsity.items()}
+        widths = {path: m.mlp_dim for path, m in sparsity.items()}
         # Each evaluation leaves the layers' sparsity metrics as evaluate
         # left them (sparsity.metrics_restored).
         evaluated = {}
@@ -203,6 +204,8 @@ def train(config, workdir, strategy=None):
         # Share of training labels replaced by a uniformly drawn class.
         "label_noise": float(config.data.get("label_noise", 0.0)),
         "k": config.model.get("k"),
+        # Each sparse layer's hidden width: k / mlp_dim is Top-k's share.
+        "mlp_dim": widths,
         "strategy": type(strategy).__name__.lstrip("_"),
         "replicas": strategy.num_replicas_in_sync,
         "jit_compile": jit_compile,

@@ -8,14 +8,16 @@ entries. Importing this package registers `"vit"` and `"t5"` with the
 trainer (`topk_sparse.registry`).
 """
 
-from topk_sparse.models.t5 import (T5, T5_VARIANTS, RelativePositionBias,
-                                   SharedEmbedding, relative_position_bucket)
+from topk_sparse.models.t5 import (MAX_GENERATE_LENGTH, T5, T5_VARIANTS,
+                                   RelativePositionBias, SharedEmbedding,
+                                   relative_position_bucket)
 from topk_sparse.models.transformer import MultiHeadAttention, TransformerBlock
 from topk_sparse.models.vit import (VIT_VARIANTS, ClassToken,
                                     PositionEmbedding, ViT)
 
 __all__ = [
     "ClassToken",
+    "MAX_GENERATE_LENGTH",
     "MultiHeadAttention",
     "PositionEmbedding",
     "RelativePositionBias",
