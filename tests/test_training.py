@@ -348,6 +348,9 @@ def test_exact_match_ignores_what_follows_eos():
     weights = tf.cast(targets > 0, tf.float32)
     dataset = tf.data.Dataset.from_tensors((inputs, targets, weights))
     assert evaluation.exact_match(Echo(), dataset, 2) == 0.5
+    # The first num_examples only: the second example (wrong) is not read.
+    assert evaluation.exact_match(Echo(), dataset, 1) == 1.0
+    assert evaluation.exact_match(Echo(), dataset.repeat(3), 5) == 3 / 5
 
 
 # The binary.

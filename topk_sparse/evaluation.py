@@ -54,23 +54,24 @@ def token_metrics():
 def exact_match(model, dataset, num_examples):
     """Share of examples whose greedy decoding equals the target sequence.
 
-    Decodes about `num_examples` examples of `dataset` (whole batches of
-    `({"encoder_tokens": ...}, targets, weights)`) with `model.generate` for
-    as many tokens as the targets have; positions where `weights` is 0
-    (after EOS) do not count.
+    Decodes the first `num_examples` examples of `dataset` (batches of
+    `({"encoder_tokens": ...}, targets, weights)`; fewer if it holds fewer)
+    with `model.generate` for as many tokens as the targets have; positions
+    where `weights` is 0 (after EOS) do not count.
     """
-    # One traced graph for all batches instead of eager decoding steps.
+    # One traced graph per batch shape instead of eager decoding steps.
     generate = tf.function(model.generate)
     correct = total = 0
     for inputs, targets, weights in dataset:
         if total >= num_examples:
             break
+        take = min(len(targets), num_examples - total)
+        targets, weights = targets[:take].numpy(), weights[:take].numpy()
         predicted = np.asarray(generate(
-            inputs["encoder_tokens"], max_length=targets.shape[1]))
-        wrong = (predicted[:, :targets.shape[1]] != targets.numpy()) \
-            & (weights.numpy() > 0)
+            inputs["encoder_tokens"][:take], max_length=targets.shape[1]))
+        wrong = (predicted[:, :targets.shape[1]] != targets) & (weights > 0)
         correct += int(np.sum(~wrong.any(axis=1)))
-        total += len(targets)
+        total += take
     return correct / max(total, 1)
 
 
