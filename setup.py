@@ -39,12 +39,13 @@ setup(
         "scikit-learn>=1.3",
         # Reliability diagrams (TensorBoard images) and the study's plots.
         "matplotlib>=3.7",
+        # The study's t-intervals (scikit-learn needs it too).
+        "scipy>=1.10",
     ],
     extras_require={
         **TENSORFLOW,
-        # scipy and Pillow: references the corruption tests compare with.
-        "test": ["pytest>=8", "hypothesis>=6.100", "scipy>=1.10",
-                 "pillow>=10",
+        # Pillow (and scipy): references the corruption tests compare with.
+        "test": ["pytest>=8", "hypothesis>=6.100", "pillow>=10",
                  # XLA's own approx_max_k bin count (tests/test_ops.py).
                  "jax[cpu]>=0.4.30",
                  # Runs colab/*.ipynb top to bottom (tests/test_notebooks.py).

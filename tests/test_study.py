@@ -4,6 +4,7 @@ end to end (configs/study.py:quick, a few minutes on a 2-core CPU)."""
 import json
 import os
 
+import matplotlib
 import numpy as np
 import pytest
 from scipy import stats
@@ -145,6 +146,20 @@ def test_quick_study_writes_consistent_outputs(quick):
                  "claim3_random", "claim4_topk"):
         with open(os.path.join(workdir, f"{name}.png"), "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    # The figures come back, and a notebook's inline backend stays.
+    previous = matplotlib.get_backend()
+    inline = "module://matplotlib_inline.backend_inline"
+    matplotlib.use(inline)
+    try:
+        figures = study.plot(saved, dpi=40)
+        assert matplotlib.get_backend() == inline
+    finally:
+        matplotlib.use(previous)
+    assert list(figures) == [f"{name}.png" for name in (
+        "claim1_sparsity_over_training", "claim2_width_depth",
+        "claim3_random", "claim4_topk")]
+    assert all(figure.dpi == 40 and figure.axes
+               for figure in figures.values())
 
 
 def test_a_finished_study_trains_nothing_again(quick, monkeypatch):

@@ -549,9 +549,11 @@ def aggregate(results, roles, confidence=0.95):
     topks = sorted({key.split("/")[0] for key in roles["claim4"]} - {"dense"},
                    key=lambda s: -int(s[3:]))
     noises = sorted({key.split("/")[1] for key in roles["claim4"]})
-    corruptions = list(next(iter(by_cell[roles["claim4"]["dense/noise0"]]
-                                 .values()))["report"]["robustness"][
-                                     "corruptions"])
+    measured = next(iter(by_cell[roles["claim4"]["dense/noise0"]].values()))[
+        "report"]["robustness"]["corruptions"]
+    corruptions = list(measured)
+    # Each corruption holds its severities and their "mean".
+    severities = {name: len(measured[name]) - 1 for name in corruptions}
     for topk in topks:
         cells = {noise: (roles["claim4"][f"{topk}/{noise}"],
                          roles["claim4"][f"dense/{noise}"])
@@ -569,7 +571,8 @@ def aggregate(results, roles, confidence=0.95):
         for name in corruptions:
             paper = PAPER_TABLE1.get(name)
             rows.append(_row(
-                f"{label}: accuracy, {name.replace('_', ' ')} (5 severities)",
+                f"{label}: accuracy, {name.replace('_', ' ')} "
+                f"({severities[name]} severities)",
                 f"{paper:+.2f}" if paper is not None else "not published",
                 paired(*cells["noise0"], corrupted(name)), (">", 0),
                 confidence))
@@ -637,11 +640,16 @@ def _band(ax, x, runs, label, style="-", color=None, confidence=0.95):
     return line
 
 
-def plot(summary, workdir):
-    """Writes claim1..claim4 PNGs into `workdir`; returns their paths."""
+def plot(summary, workdir=None, dpi=110):
+    """The claims' figures, `{file name: matplotlib Figure}`
+    (`claim1_sparsity_over_training.png` ... `claim4_topk.png`); with
+    `workdir`, each is also written there as that PNG at `dpi`.
+
+    Drawn on `Figure`s that pyplot never sees, so that no backend is
+    switched: in a notebook, `display(figure)` shows one inline.
+    """
     import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
     import matplotlib.ticker
 
     conf = summary["confidence"]
@@ -649,14 +657,11 @@ def plot(summary, workdir):
     for result in summary["runs"]:
         by_cell.setdefault(result["cell"], []).append(result)
     roles = summary["roles"]
-    paths = []
+    figures = {}
 
-    def save(fig, name):
-        path = os.path.join(workdir, name)
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(path)
+    def figure(name, rows, columns, figsize):
+        figures[name] = Figure(figsize=figsize, dpi=dpi)
+        return figures[name], figures[name].subplots(rows, columns)
 
     def cell_curves(cell, split):
         steps, per_layer, layers = None, {}, None
@@ -668,11 +673,11 @@ def plot(summary, workdir):
         return steps, per_layer, layers
 
     # Claim 1: per MLP, train (solid) and eval (dashed) from step 0.
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, axes = figure("claim1_sparsity_over_training.png", 1, 2, (12, 4.5))
     for ax, model, title in ((axes[0], "vit", "ViT"), (axes[1], "t5", "T5")):
         cell = roles[f"claim1_{model}"]
-        colors = plt.cm.viridis(np.linspace(0, 0.9, len(_layers(
-            by_cell[cell][0]["report"]))))
+        colors = matplotlib.colormaps["viridis"](np.linspace(
+            0, 0.9, len(_layers(by_cell[cell][0]["report"]))))
         for split, style in (("train", "-"), ("eval", "--")):
             steps, per_layer, layers = cell_curves(cell, split)
             for color, layer in zip(colors, layers):
@@ -685,10 +690,9 @@ def plot(summary, workdir):
         ax.legend(fontsize=6, ncol=2, loc="upper right")
     fig.suptitle("Claim 1: nonzero share per MLP over training, train "
                  "(solid) and eval (dashed) data")
-    save(fig, "claim1_sparsity_over_training.png")
 
     # Claim 2: width and depth.
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, axes = figure("claim2_width_depth.png", 1, 2, (12, 4.5))
     widths = sorted(roles["width"], key=int)
     stats = [interval([100 * r["report"]["mean_nonzero_fraction"]
                        for r in by_cell[roles["width"][w]]], conf)
@@ -722,10 +726,9 @@ def plot(summary, workdir):
     axes[1].legend(fontsize=8)
     fig.suptitle(f"Claim 2: ViT, mean over seeds, {round(100 * conf)}% "
                  f"t-intervals")
-    save(fig, "claim2_width_depth.png")
 
     # Claim 3: mean over MLPs, eval data, from step 0.
-    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    fig, ax = figure("claim3_random.png", 1, 1, (7.5, 4.5))
     for role, label in (("claim1_vit", "ViT, clean labels"),
                         ("random_labels", "ViT, random labels"),
                         ("random_inputs", "ViT, random inputs"),
@@ -739,10 +742,9 @@ def plot(summary, workdir):
            title="Claim 3: sparsity without real labels, inputs or "
                  "repetition")
     ax.legend(fontsize=8)
-    save(fig, "claim3_random.png")
 
     # Claim 4: accuracy under label noise, corruptions, ECE.
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    fig, axes = figure("claim4_topk.png", 1, 3, (15, 4.5))
     models = sorted({key.split("/")[0] for key in roles["claim4"]},
                     key=lambda s: (s != "dense", -int(s[3:] or 0)
                                    if s != "dense" else 0))
@@ -780,8 +782,11 @@ def plot(summary, workdir):
         ax.legend(fontsize=8)
     fig.suptitle(f"Claim 4: Top-k vs dense ViT, mean over seeds, "
                  f"{round(100 * conf)}% t-intervals")
-    save(fig, "claim4_topk.png")
-    return paths
+    for name, fig in figures.items():
+        fig.tight_layout()
+        if workdir is not None:
+            fig.savefig(os.path.join(workdir, name))
+    return figures
 
 
 def _errorbar(ax, x, stats, label, color=None, marker="o", linestyle="-"):
