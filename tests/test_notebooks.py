@@ -100,9 +100,15 @@ def test_notebook_is_small_with_badge_and_outputs(path):
         f"python -m tests.test_notebooks {path.name}")
 
 
-def test_colab_holds_both_notebooks():
-    assert {path.name for path in NOTEBOOKS} >= {
-        "quickstart.ipynb", "train_on_tpu.ipynb"}
+def test_colab_holds_the_four_notebooks_each_in_the_readme_table():
+    assert {path.name for path in NOTEBOOKS} == {
+        "quickstart.ipynb", "train_on_tpu.ipynb", "lazy_neuron.ipynb",
+        "sparse_inference.ipynb"}
+    readme = (COLAB.parent / "README.md").read_text()
+    for path in NOTEBOOKS:
+        assert f"| [{path.name}](colab/{path.name}) | [![Open In Colab]" \
+            f"({BADGE})](https://colab.research.google.com/github/" in readme, (
+                f"README.md's notebook table lacks a badge row for {path.name}")
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda path: path.name)
