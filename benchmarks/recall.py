@@ -30,12 +30,9 @@ Usage:
 import argparse
 import json
 import os
-import sys
 import tempfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-# configs/ lives beside topk_sparse/ in the repository, not in the package.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import keras  # noqa: E402
 import ml_collections  # noqa: E402

@@ -61,6 +61,7 @@ def test_get_strategy_in_a_fresh_process():
     # Its own process: a second MirroredStrategy here would break the
     # collectives of the shared one, and the CPU split must come first.
     script = textwrap.dedent("""
+        import logging
         import tensorflow as tf
         from topk_sparse import distribute
         s = distribute.get_strategy("mirrored", num_cpu_devices=2)
@@ -73,8 +74,16 @@ def test_get_strategy_in_a_fresh_process():
             assert "already runs with 2" in str(e), e
         else:
             raise AssertionError("a late CPU split must fail")
-        # No TPU and one CPU device: auto falls back to the default.
+        # No TPU and one CPU device: auto falls back to the default, without
+        # TensorFlow's "Initializing the TPU system" line.
+        tf.get_logger().setLevel("INFO")
+        logged = []
+        handler = logging.Handler()
+        handler.emit = lambda record: logged.append(record.getMessage())
+        tf.get_logger().addHandler(handler)
         assert distribute.get_strategy("auto") is tf.distribute.get_strategy()
+        assert not [line for line in logged if "TPU" in line], logged
+        assert tf.get_logger().level == logging.INFO
         try:
             distribute.get_strategy("tpu")
         except RuntimeError as e:

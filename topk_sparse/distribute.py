@@ -14,6 +14,8 @@ Keras 3 does not support `MultiWorkerMirroredStrategy` (keras-team/keras
 #20585): multi-host training here means a TPU slice or pod.
 """
 
+import logging as pylogging
+
 from absl import logging
 import tensorflow as tf
 
@@ -74,11 +76,17 @@ def get_strategy(name="auto", tpu="local", num_cpu_devices=None):
             ) from e
     if name == "mirrored":
         return _mirrored_strategy(num_cpu_devices)
+    # TensorFlow logs "Initializing the TPU system" at INFO before it finds
+    # none: quiet while looking, so that a CPU run does not read as a TPU.
+    tf_logger, level = tf.get_logger(), tf.get_logger().level
+    tf_logger.setLevel(max(level, pylogging.WARNING))
     try:
         return _tpu_strategy(tpu)
     except _NO_TPU_ERRORS as e:
         logging.info("No TPU for tpu=%r (%s: %s).", tpu, type(e).__name__,
                      str(e).split("\n", 1)[0][:200])
+    finally:
+        tf_logger.setLevel(level)
     if len(tf.config.list_physical_devices("GPU")) > 1:
         return _mirrored_strategy(num_cpu_devices)
     return tf.distribute.get_strategy()
