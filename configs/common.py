@@ -97,6 +97,8 @@ def base_config():
     config.eval.two_stage.rank = 0
     config.eval.two_stage.candidates = config_dict.placeholder(int)
     config.eval.two_stage.examples = 64
+    # model.fit's verbosity; 0 also leaves out the printed report (it is in
+    # report.json and returned).
     config.verbose = 2
     return config
 

@@ -79,11 +79,12 @@ def config():
     return config
 
 
-def test_a_model_defined_here_trains_through_train(tmp_path):
+def test_a_model_defined_here_trains_through_train(tmp_path, capsys):
     cfg = config()
     cfg.eval.two_stage.rank = 4
     cfg.eval.two_stage.candidates = 8
     report = training.train(cfg, str(tmp_path))
+    assert capsys.readouterr().out == ""  # verbose 0: no printed report
     assert report["model"] == "token_classifier"
     assert report["train_steps"] == 8
     assert list(report["nonzero_fraction"]) == ["token_mlp"]

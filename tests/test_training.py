@@ -109,13 +109,14 @@ def _check_workdir(workdir, config, report):
                                        "state.weights.h5"))
 
 
-def test_train_runlocal_one_device_jit(tmp_path):
+def test_train_runlocal_one_device_jit(tmp_path, capsys):
     config = load_config("vit_digits", "runlocal")
     config.strategy = "cpu"
     config.eval.two_stage.rank = 8  # of width 32; 64 of mlp_dim 128
     config.eval.two_stage.candidates = 64
     workdir = str(tmp_path / "vit")
     report = training.train(config, workdir)
+    assert f"report: {workdir}/report.json" in capsys.readouterr().out
 
     _check_workdir(workdir, config, report)
     assert report["jit_compile"] is True and report["replicas"] == 1

@@ -231,7 +231,8 @@ def train(config, workdir, strategy=None):
         "wall_time_s": round(time.time() - start, 2),
     }
     _write_json(os.path.join(workdir, "report.json"), report)
-    print(format_report(report, workdir), flush=True)
+    if config.verbose:
+        print(format_report(report, workdir), flush=True)
     model.save(os.path.join(workdir, "model.keras"))
     return report
 
