@@ -45,6 +45,7 @@ import threading
 
 import tensorflow as tf
 import tf_keras
+from official.modeling import tf_utils
 from official.vision.modeling.backbones import vit
 
 from topk_sparse import ops
@@ -308,10 +309,13 @@ class TopKFeedforward(tf_keras.layers.Layer):
                 f"dimension, got input shape {input_shape}.")
 
         def weight(name, shape, kernel):
+            # A clone per weight, as Model Garden's blocks do: one unseeded
+            # tf_keras initializer gives the same values at every call.
             return self.add_weight(
                 name, shape=shape,
-                initializer=(self.kernel_initializer if kernel
-                             else self.bias_initializer),
+                initializer=tf_utils.clone_initializer(
+                    self.kernel_initializer if kernel
+                    else self.bias_initializer),
                 regularizer=(self.kernel_regularizer if kernel
                              else self.bias_regularizer),
                 constraint=(self.kernel_constraint if kernel
