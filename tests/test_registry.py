@@ -91,6 +91,8 @@ def test_a_model_defined_here_trains_through_train(tmp_path, capsys):
     assert 0 < report["nonzero_fraction"]["token_mlp"] <= 4 / 32
     assert 0 <= report["eval"]["expected_calibration_error"] <= 1
     assert report["two_stage"]["layers"].keys() == {"token_mlp"}
+    # 8 candidates of mlp_dim 32: more than a sixth, so it never runs.
+    assert report["two_stage"]["max_tokens"] == 0
     # The evaluators it lists ran: calibration wrote its TensorBoard run.
     assert os.listdir(tmp_path / "tensorboard" / "calibration")
     with open(tmp_path / "report.json") as f:

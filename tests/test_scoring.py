@@ -169,6 +169,8 @@ def test_model_calibration_records_every_mlp_eagerly():
     for path, mlp_ in model.sparse_mlps().items():
         assert mlp_.scorer.rank == 16
         assert 0 < quality[path]["recall"] <= 1
+        # A sixth of mlp_dim 128 is 21.3 rows: one token of 16 candidates.
+        assert quality[path]["max_tokens"] == scoring.max_tokens(mlp_) == 1
     with scoring.recording_inputs(model.sparse_mlps()) as records:
         model(images[0])
         assert [r.shape for r in records["encoder_block_1_mlp"]] == [

@@ -152,8 +152,9 @@ def _measure_two_stage(run):
     test examples (`scoring.calibrate`); writes the means to TensorBoard.
 
     Returns `{"two_stage": {"rank", "candidates", "recall", "cosine",
-    "layers": {mlp path: {"recall", "cosine"}}}}`, recall and cosine
-    averaged over MLPs.
+    "max_tokens", "layers": {mlp path: {"recall", "cosine",
+    "max_tokens"}}}}`, recall and cosine averaged over MLPs, max_tokens
+    their least (`scoring.max_tokens`).
     """
     two_stage = run.config.eval.two_stage
 
@@ -168,6 +169,7 @@ def _measure_two_stage(run):
     result = {"rank": two_stage.rank, "candidates": mlp.scorer.candidates,
               **{name: float(np.mean([m[name] for m in layers.values()]))
                  for name in ("recall", "cosine")},
+              "max_tokens": min(m["max_tokens"] for m in layers.values()),
               "layers": layers}
     writer = tf.summary.create_file_writer(_log_dir(run, "two_stage"))
     with writer.as_default(step=run.step()):
@@ -184,5 +186,7 @@ registry.register_evaluator(
     describe=lambda report: [
         f"two-stage scoring (rank {r['rank']}, {r['candidates']} "
         f"candidates), mean over MLPs on test tokens: recall of the exact "
-        f"top-k {r['recall']:.4f}, output cosine {r['cosine']:.4f}"
+        f"top-k {r['recall']:.4f}, output cosine {r['cosine']:.4f}; runs "
+        + (f"on calls of at most {r['max_tokens']} tokens" if r["max_tokens"]
+           else "on no call: candidates exceed mlp_dim / 6, lower them")
         for r in [report.get("two_stage")] if r])

@@ -38,6 +38,7 @@ import numpy as np
 import tensorflow as tf
 
 from topk_sparse import checks, ops
+from topk_sparse.layers import GATHER_MAX_SHARE
 from topk_sparse.sparsity import TopKRecall, metrics_restored
 
 
@@ -298,7 +299,9 @@ def calibrate(model, batches, rank, candidates=None, held_out=None):
     The model's metrics (its layers' sparsity) are left as they were.
 
     Returns:
-      `{mlp path: {"recall", "cosine"}}`, see `measure_two_stage`.
+      `{mlp path: {"recall", "cosine", "max_tokens"}}`: see
+      `measure_two_stage` and `max_tokens` (0: the scorer never runs at
+      these `candidates`, whatever it measures).
     """
     mlps = model.sparse_mlps()
 
@@ -312,5 +315,15 @@ def calibrate(model, batches, rank, candidates=None, held_out=None):
     measured = calibration if held_out is None else record(held_out)
     for name, mlp in mlps.items():
         calibrate_mlp(mlp, calibration[name], rank, candidates)
-    return {name: measure_two_stage(mlp, measured[name])
+    return {name: {**measure_two_stage(mlp, measured[name]),
+                   "max_tokens": max_tokens(mlp)}
             for name, mlp in mlps.items()}
+
+
+def max_tokens(mlp):
+    """The most tokens a call of `mlp` may have for its two-stage scorer to
+    run (`SparseMLP.reads_few_rows` with the scorer's candidates): at most
+    `GATHER_MAX_SHARE` of `mlp_dim` rows of `W1ᵀ` are rescored per call. 0
+    means never, e.g. with candidates above a sixth of `mlp_dim`: lower
+    them for the scorer to serve decoding (1 token per sequence)."""
+    return int(GATHER_MAX_SHARE * mlp.mlp_dim // mlp.scorer.candidates)
