@@ -28,6 +28,7 @@ import tensorflow as tf
 from topk_sparse import calibration, callbacks, checks, registry, robustness
 from topk_sparse import scoring
 from topk_sparse.data import corruptions as corruptions_lib
+from topk_sparse.layers import GATHER_MAX_SHARE
 
 # Bins of the expected calibration error, as in the paper's Table 1 (15, the
 # common default: the paper does not publish its count).
@@ -188,5 +189,6 @@ registry.register_evaluator(
         f"candidates), mean over MLPs on test tokens: recall of the exact "
         f"top-k {r['recall']:.4f}, output cosine {r['cosine']:.4f}; runs "
         + (f"on calls of at most {r['max_tokens']} tokens" if r["max_tokens"]
-           else "on no call: candidates exceed mlp_dim / 6, lower them")
+           else f"on no call: candidates exceed {GATHER_MAX_SHARE} of "
+                f"mlp_dim, lower them")
         for r in [report.get("two_stage")] if r])

@@ -270,7 +270,12 @@ class SparseMLP(keras.layers.Layer):
         most `GATHER_MAX_SHARE` of `mlp_dim`."""
         tokens = inputs.shape[:-1].num_elements()
         return tokens is not None and \
-            tokens * rows_per_token <= GATHER_MAX_SHARE * self.mlp_dim
+            tokens <= self.max_tokens(rows_per_token)
+
+    def max_tokens(self, rows_per_token):
+        """The most tokens a call may have while reading `rows_per_token`
+        rows per token keeps to `GATHER_MAX_SHARE` of `mlp_dim` (0: none)."""
+        return int(GATHER_MAX_SHARE * self.mlp_dim // rows_per_token)
 
     def pre_activations(self, inputs):
         """`inputs @ W1 + b1`, the hidden layer before ReLU and Top-k, in

@@ -38,7 +38,6 @@ import numpy as np
 import tensorflow as tf
 
 from topk_sparse import checks, ops
-from topk_sparse.layers import GATHER_MAX_SHARE
 from topk_sparse.sparsity import TopKRecall, metrics_restored
 
 
@@ -322,8 +321,8 @@ def calibrate(model, batches, rank, candidates=None, held_out=None):
 
 def max_tokens(mlp):
     """The most tokens a call of `mlp` may have for its two-stage scorer to
-    run (`SparseMLP.reads_few_rows` with the scorer's candidates): at most
+    run (`SparseMLP.max_tokens` of the scorer's candidates): at most
     `GATHER_MAX_SHARE` of `mlp_dim` rows of `W1ᵀ` are rescored per call. 0
     means never, e.g. with candidates above a sixth of `mlp_dim`: lower
     them for the scorer to serve decoding (1 token per sequence)."""
-    return int(GATHER_MAX_SHARE * mlp.mlp_dim // mlp.scorer.candidates)
+    return mlp.max_tokens(mlp.scorer.candidates)
