@@ -24,7 +24,7 @@ Rows come from two sources:
 
 Usage:
   python benchmarks/recall.py
-  python benchmarks/recall.py --workdir=/tmp/topk_sparse/vit --k 8 16
+  python benchmarks/recall.py --workdir=/tmp/topk_sparse-runs/vit --k 8 16
 """
 
 import argparse

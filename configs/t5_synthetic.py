@@ -4,9 +4,9 @@ The task is generated in process (topk_sparse.data.text): sort a random
 sequence of 4-12 tokens over a 30-token alphabet. Infinite, seeded data, so
 the "epochs" are just reporting intervals.
 
-    python -m trainers.t5 --workdir=/tmp/topk_sparse/t5
+    python -m trainers.t5 --workdir=/tmp/topk_sparse-runs/t5
     python -m trainers.t5 --config=configs/t5_synthetic.py \
-        --config.model.k=None --workdir=/tmp/topk_sparse/t5_dense
+        --config.model.k=None --workdir=/tmp/topk_sparse-runs/t5_dense
     python -m trainers.t5 --config=configs/t5_synthetic.py:runlocal  # seconds
 
 Measured (2-core CPU, TF 2.20, float32, jit_compile, seed 0; 1,000 steps of

@@ -4,9 +4,9 @@ CIFAR-10 must be prepared first (one 160 MiB download, outside this run):
 
     tfds build cifar10 --data_dir=$HOME/tensorflow_datasets
     python -m trainers.vit --config=configs/vit_cifar10.py \
-        --workdir=/tmp/topk_sparse/vit_cifar10
+        --workdir=/tmp/topk_sparse-runs/vit_cifar10
     python -m trainers.vit --config=configs/vit_cifar10.py \
-        --config.model.k=None --workdir=/tmp/topk_sparse/vit_cifar10_dense
+        --config.model.k=None --workdir=/tmp/topk_sparse-runs/vit_cifar10_dense
     python -m trainers.vit --config=configs/vit_cifar10.py:runlocal  # smoke
 
 Label noise as in the paper's Table 1: --config.data.label_noise=0.4.

@@ -4,9 +4,9 @@ Trains in process on the 1,797 8x8 digits that ship with scikit-learn
 (1,437 train / 360 test, a fixed stratified split), upsampled to 16x16 and cut
 into 4x4 patches: 16 tokens, 2 blocks, width 32, mlp_dim 128, Top-32.
 
-    python -m trainers.vit --workdir=/tmp/topk_sparse/vit
+    python -m trainers.vit --workdir=/tmp/topk_sparse-runs/vit
     python -m trainers.vit --config=configs/vit_digits.py \
-        --config.model.k=None --workdir=/tmp/topk_sparse/vit_dense
+        --config.model.k=None --workdir=/tmp/topk_sparse-runs/vit_dense
     python -m trainers.vit --config=configs/vit_digits.py:runlocal  # seconds
 
 Measured (2-core CPU shared with other jobs, TF 2.20, float32, jit_compile,

@@ -8,6 +8,9 @@ values, a trained model loaded after `import topk_sparse` only.
 import json
 import os
 import signal
+import subprocess
+import sys
+import tempfile
 import time
 
 import keras
@@ -72,6 +75,20 @@ def test_default_workdir_is_one_per_trained_config():
     other = runlocal(**{"model.k": None})
     assert trainers.default_workdir(base) == trainers.default_workdir(same)
     assert trainers.default_workdir(base) != trainers.default_workdir(other)
+
+
+def test_default_workdir_root_does_not_shadow_the_package(tmp_path):
+    # Python started in the temp folder (a notebook's, a script's) puts it
+    # first on sys.path; a folder there named like the package would be a
+    # namespace package in place of the installed one.
+    root = os.path.dirname(trainers.default_workdir(runlocal()))
+    assert os.path.dirname(root) == tempfile.gettempdir()
+    os.makedirs(tmp_path / os.path.basename(root) / "vit_digits-0")
+    probe = subprocess.run(
+        [sys.executable, "-c", "import topk_sparse; topk_sparse.SparseMLP"],
+        cwd=tmp_path, capture_output=True, text=True,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    assert probe.returncode == 0, probe.stderr
 
 
 def test_backup_is_one_consistent_file(finished):

@@ -107,15 +107,21 @@ def _clear_override_errors(argv=None):
         _fail(str(e))
 
 
+WORKDIR_ROOT = "topk_sparse-runs"
+"""The default workdirs' folder in the system's temp folder. Not an
+importable name: a folder `topk_sparse` there would be a namespace package
+that shadows the installed one for Python started in that folder."""
+
+
 def default_workdir(config):
-    """`<tmp>/topk_sparse/<model>_<data>-<fingerprint>`: the fingerprint
-    hashes what the config trains (`training.config_fingerprint`), so a
-    changed model, data or recipe key gets its own folder and a changed
-    evaluation key does not."""
+    """`<tmp>/topk_sparse-runs/<model>_<data>-<fingerprint>`: the
+    fingerprint hashes what the config trains
+    (`training.config_fingerprint`), so a changed model, data or recipe key
+    gets its own folder and a changed evaluation key does not."""
     from topk_sparse import training
 
     return os.path.join(
-        tempfile.gettempdir(), "topk_sparse",
+        tempfile.gettempdir(), WORKDIR_ROOT,
         f"{config.model.name}_{config.data.name}-"
         f"{training.config_fingerprint(config)}")
 

@@ -2,7 +2,7 @@ r"""Trains and evaluates a Top-k ViT classifier.
 
     python -m trainers.vit
     python -m trainers.vit --config=configs/vit_cifar10.py \
-        --config.model.k=64 --workdir=/tmp/topk_sparse/vit_cifar10
+        --config.model.k=64 --workdir=/tmp/topk_sparse-runs/vit_cifar10
 
 With no `--config` it trains configs/vit_digits.py (no network, minutes on a
 CPU). Starting it again with the same config (or `--workdir`) resumes a
