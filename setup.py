@@ -45,7 +45,10 @@ setup(
     extras_require={
         **TENSORFLOW,
         # Pillow (and scipy): references the corruption tests compare with.
-        "test": ["pytest>=8", "hypothesis>=6.100", "pillow>=10",
+        # pytest-xdist: the README's test command runs the suite on every
+        # core (notebook kernels and subprocess trainings side by side).
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6.100",
+                 "pillow>=10",
                  # XLA's own approx_max_k bin count (tests/test_ops.py).
                  "jax[cpu]>=0.4.30",
                  # Runs colab/*.ipynb top to bottom (tests/test_notebooks.py).

@@ -103,13 +103,22 @@ def base_config():
     return config
 
 
+# The dimensions every model takes beside its variant; None: the variant's.
+DIMENSIONS = ("width", "depth", "num_heads", "mlp_dim")
+
+
 def model(name, k, method="auto", **architecture):
     """`config.model`: the model's name, sparsity and architecture keys.
 
-    `k` is typed `object`, so that `--config.model.k=None` (the dense ReLU
-    baseline) parses as well as an int.
+    The `DIMENSIONS` are keys whether or not `architecture` sets them, so
+    that `--config.model.mlp_dim=512` overrides the variant's (as in
+    big_vision). `k` is typed `object`, so that `--config.model.k=None`
+    (the dense ReLU baseline) parses as well as an int.
     """
-    section = ml_collections.ConfigDict({"name": name, **architecture})
+    section = ml_collections.ConfigDict({"name": name})
+    for dimension in DIMENSIONS:
+        section[dimension] = config_dict.placeholder(int)
+    section.update(architecture)
     section.k = config_dict.placeholder(object)
     section.k = k
     section.method = method  # one of topk_sparse.ops.METHODS

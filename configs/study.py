@@ -6,8 +6,9 @@ r"""The Lazy Neuron study: a grid of ViT and T5 runs testing its claims.
 
 Each run is one `topk_sparse.training.train` in `<workdir>/runs/<run>`;
 runs with a report.json are skipped, so a killed study resumes. The grid and
-the statistics are `topk_sparse.study`; the paper's numbers are
-/work/shared/PAPER.md (arXiv 2210.06313):
+the statistics are `topk_sparse.study`. The claims, from Li et al., The Lazy
+Neuron Phenomenon (https://arxiv.org/abs/2210.06313; its numbers beside ours
+in results/README.md):
 
 1. MLP activations are sparse at every layer, train and eval data alike;
    about 50% nonzero at initialization, falling during training.
@@ -26,7 +27,7 @@ beforehand), same grid; not run here. The claim-4 k values are set below the
 natural level measured for the dense model (dense ViT, mlp_dim 512, 30
 epochs, seed 0: 39.7% nonzero, ~203 of 512 units): k = 128 and 64.
 
-Measured (results/: study.json, tables.md, plots): 69 runs, 17 cells, 78
+Measured (results/: README.md, study.json, plots): 69 runs, 17 cells, 78
 min on a shared 2-core CPU with two processes sharing the grid (started
 twice with `nice -n 19 ... &`, then aggregated with `--config.train=False`).
 A Top-k run takes about 2.5x a dense one here (exact top_k without XLA).

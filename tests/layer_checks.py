@@ -1,4 +1,4 @@
-"""The one layer-test helper every layer test uses (see shared/STYLE.md).
+"""The one layer-test helper every layer test uses.
 
 `check_layer` puts a layer through the situations a user meets: config and
 `.keras` round trips, eager / tf.function / jit_compile calls, mixed

@@ -22,6 +22,7 @@ def _run(args, cwd=ROOT):
                    capture_output=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_topk_mlp(tmp_path):
     out = tmp_path / "mlp.json"
     _run(["benchmarks/topk_mlp.py", "--width=16", "--mlp_dim=64", "--k=4",
@@ -55,6 +56,7 @@ def trained_workdir(tmp_path_factory):
     return workdir
 
 
+@pytest.mark.slow
 def test_recall_on_random_and_trained_rows(tmp_path, trained_workdir):
     out = tmp_path / "recall.json"
     _run(["benchmarks/recall.py", "--mlp_dim=512", "--rows=256", "--k", "8", "16",
@@ -89,6 +91,7 @@ def test_recall_on_random_and_trained_rows(tmp_path, trained_workdir):
             assert row["kept_per_row"] > 0
 
 
+@pytest.mark.slow
 def test_vit_train(tmp_path):
     out = tmp_path / "vit.json"
     _run(["benchmarks/vit_train.py", "--variant=micro", "--image_size=16",

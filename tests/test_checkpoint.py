@@ -47,8 +47,11 @@ def read(path):
         return f.read()
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("finished")
 @pytest.mark.parametrize("override, named", [
     ({"model.k": None}, "model.k: 32 -> None"),
+    ({"model.mlp_dim": 64}, "model.mlp_dim: None -> 64"),
     ({"data.label_noise": 0.4}, "data.label_noise: 0.0 -> 0.4"),
     ({"optimizer.learning_rate": 0.1}, "optimizer.learning_rate")])
 def test_a_workdir_refuses_another_trained_config(finished, override, named):
@@ -59,6 +62,8 @@ def test_a_workdir_refuses_another_trained_config(finished, override, named):
     assert read(os.path.join(workdir, "report.json")) == before
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("finished")
 def test_evaluation_keys_may_change_and_only_evaluate(finished, tmp_path):
     workdir, report = finished
     again = training.train(runlocal(**{"eval.batch_size": 32}), workdir)
@@ -77,6 +82,7 @@ def test_default_workdir_is_one_per_trained_config():
     assert trainers.default_workdir(base) != trainers.default_workdir(other)
 
 
+@pytest.mark.slow
 def test_default_workdir_root_does_not_shadow_the_package(tmp_path):
     # Python started in the temp folder (a notebook's, a script's) puts it
     # first on sys.path; a folder there named like the package would be a
@@ -91,6 +97,8 @@ def test_default_workdir_root_does_not_shadow_the_package(tmp_path):
     assert probe.returncode == 0, probe.stderr
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("finished")
 def test_backup_is_one_consistent_file(finished):
     workdir, report = finished
     backup = os.path.join(workdir, "backup")
@@ -105,6 +113,8 @@ def test_backup_is_one_consistent_file(finished):
                                                      abs=0.01)
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("finished")
 def test_a_finished_run_without_its_backup_is_not_retrained(finished,
                                                             tmp_path):
     workdir, _ = finished
@@ -119,6 +129,7 @@ def test_a_finished_run_without_its_backup_is_not_retrained(finished,
     assert read(os.path.join(copy, "report.json")) == before
 
 
+@pytest.mark.slow
 def test_a_damaged_backup_names_the_file_and_what_to_do(tmp_path):
     workdir = str(tmp_path)
     training.train(runlocal(), workdir)
@@ -132,6 +143,7 @@ def test_a_damaged_backup_names_the_file_and_what_to_do(tmp_path):
     assert read(os.path.join(workdir, "report.json")) == before
 
 
+@pytest.mark.slow
 def test_a_kill_between_the_two_renames_resumes_from_previous(tmp_path):
     workdir = str(tmp_path / "run")
     report = training.train(runlocal(), workdir)
@@ -153,6 +165,7 @@ def test_bad_schedule_values_fail_before_anything_is_written(tmp_path, key,
     assert not os.path.exists(tmp_path / "run")
 
 
+@pytest.mark.slow
 def test_a_killed_run_resumes_to_the_same_report(tmp_path):
     """SIGKILL after the first backups; the resumed run's report equals an
     uninterrupted run's, history and metrics bit for bit."""
@@ -189,12 +202,15 @@ def test_a_killed_run_resumes_to_the_same_report(tmp_path):
     assert resumed["train_steps"] == 12 * 3
 
 
+@pytest.mark.slow
 def test_config_errors_are_one_line(tmp_path):
     for flags, expected in [
             (["--config.model.k=999"], "FATAL config error: config.model: "
                                        "k=999 is larger"),
             (["--config.epochs=0"], "FATAL config error: config.epochs must "
                                     "be a positive int, got 0."),
+            (["--config.model.mlp_dim=0"], "FATAL config error: "
+             "config.model: mlp_dim must be a positive int, got 0."),
             (["--config=configs/nope.py"], "--config=configs/nope.py: no "
                                            "such file. Configs here: ")]:
         process = run_python(["-m", "trainers.vit", *flags,
@@ -204,6 +220,8 @@ def test_config_errors_are_one_line(tmp_path):
         assert "Traceback" not in output and expected in output, output
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("finished")
 def test_a_trained_model_loads_after_import_topk_sparse(finished):
     workdir, _ = finished
     script = ("import keras, numpy as np, topk_sparse\n"

@@ -287,6 +287,7 @@ def test_bad_arguments_raise(weights, kwargs, match):
 
 # The benchmark ---------------------------------------------------------------
 
+@pytest.mark.slow
 def test_decode_benchmark_on_tiny_shapes(tmp_path):
     out = tmp_path / "decode.json"
     subprocess.run(

@@ -111,6 +111,7 @@ def test_colab_holds_the_four_notebooks_each_in_the_readme_table():
                 f"README.md's notebook table lacks a badge row for {path.name}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda path: path.name)
 def test_notebook_runs_top_to_bottom(path, tmp_path):
     nb = execute(path, tmp_path, small=True)

@@ -79,6 +79,18 @@ def test_the_full_grid_shares_cells_and_orders_its_runs():
     assert rest == sorted(rest, reverse=True)
 
 
+def test_the_stored_results_page_is_the_page_of_the_stored_study():
+    results = os.path.join(os.path.dirname(__file__), "..", "results")
+    with open(os.path.join(results, "study.json")) as f:
+        summary = json.load(f)
+    with open(os.path.join(results, "README.md")) as f:
+        assert f.read() == study.results_page(summary), (
+            "results/README.md is stale: write study.results_page of "
+            "results/study.json into it")
+    for name in study.FIGURES:
+        assert os.path.exists(os.path.join(results, name)), name
+
+
 def test_a_run_another_live_process_holds_is_left_to_it(tmp_path):
     run_dir = str(tmp_path / "run")
     assert study._take(run_dir)  # free: taken, our pid written
@@ -100,6 +112,8 @@ def quick(tmp_path_factory):
     return config, workdir, study.run(config, workdir, log=lambda _: None)
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("quick_study")
 def test_quick_study_writes_consistent_outputs(quick):
     config, workdir, summary = quick
     runs, roles = study.grid(config)
@@ -134,17 +148,18 @@ def test_quick_study_writes_consistent_outputs(quick):
     # Claim 4 differences are paired over the claim-4 seeds.
     assert all(len(row["values"]) == config.claim4_seeds
                for row in saved["claims"]["claim4"])
-    with open(os.path.join(workdir, "tables.md")) as f:
+    with open(os.path.join(workdir, "README.md")) as f:
         text = f.read()
+    assert text == study.results_page(saved)
     assert text.count("### Claim") == 4
     verdicts = [line.split("|")[-2].strip() for line in text.splitlines()
                 if line.startswith("| ") and not line.startswith(
                     "| quantity")]
     assert verdicts == [row["verdict"] for rows in saved["claims"].values()
                         for row in rows]
-    for name in ("claim1_sparsity_over_training", "claim2_width_depth",
-                 "claim3_random", "claim4_topk"):
-        with open(os.path.join(workdir, f"{name}.png"), "rb") as f:
+    for name in study.FIGURES:
+        assert f"]({name})" in text
+        with open(os.path.join(workdir, name), "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     # The figures come back, and a notebook's inline backend stays.
     previous = matplotlib.get_backend()
@@ -162,6 +177,8 @@ def test_quick_study_writes_consistent_outputs(quick):
                for figure in figures.values())
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("quick_study")
 def test_a_finished_study_trains_nothing_again(quick, monkeypatch):
     config, workdir, summary = quick
 

@@ -24,6 +24,7 @@ from tests.events import read_events, read_scalars
 from tests.mock_tfds import mocked_tfds
 from topk_sparse import distribute, evaluation, optimizers, training
 from topk_sparse.data import corruptions
+from topk_sparse.models import T5, ViT
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(REPO, "configs")
@@ -109,6 +110,7 @@ def _check_workdir(workdir, config, report):
                                        "state.weights.h5"))
 
 
+@pytest.mark.slow
 def test_train_runlocal_one_device_jit(tmp_path, capsys):
     config = load_config("vit_digits", "runlocal")
     config.strategy = "cpu"
@@ -186,6 +188,7 @@ def test_train_runlocal_one_device_jit(tmp_path, capsys):
                                two_stage["cosine"], rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_train_mirrored_mixed_precision(tmp_path):
     config = load_config("vit_digits", "runlocal")
     config.mixed_precision = "mixed_bfloat16"
@@ -206,6 +209,7 @@ def test_train_mirrored_mixed_precision(tmp_path):
     assert keras.mixed_precision.global_policy().name == "float32"
 
 
+@pytest.mark.slow
 def test_train_cifar10_runlocal_on_mocked_tfds(tmp_path):
     data_dir = str(tmp_path / "tfds")
     config = load_config("vit_cifar10", "runlocal")
@@ -294,8 +298,25 @@ def test_config_arguments():
     assert full.model.name == "vit" and full.data.name == "digits"
 
 
+
+@pytest.mark.parametrize("name", ["vit_digits", "vit_cifar10",
+                                  "t5_synthetic", "t5_small_c4"])
+def test_model_dimensions_are_config_keys_that_override_the_variant(name):
+    config = load_config(name)
+    assert all(config.model[key] is None for key in common.DIMENSIONS)
+    config.model.update(depth=1, mlp_dim=200, k=8)
+    kwargs = dict(config.model)
+    del kwargs["name"]
+    model = (ViT(**kwargs, image_size=16, num_classes=10)
+             if config.model.name == "vit" else T5(**kwargs, vocab_size=50))
+    mlps = model.sparse_mlps()
+    assert len(mlps) == (1 if config.model.name == "vit" else 2)
+    assert {mlp.mlp_dim for mlp in mlps.values()} == {200}
+
+
 # T5 on the synthetic task.
 
+@pytest.mark.slow
 def test_train_t5_runlocal(tmp_path):
     config = load_config("t5_synthetic", "runlocal")
     config.strategy = "cpu"
@@ -365,6 +386,7 @@ def test_exact_match_ignores_what_follows_eos():
 
 # The binary.
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flags,strategy", [
     ([], "DefaultDistributionStrategy x1"),
     (["--config.strategy=mirrored", "--config.num_cpu_devices=2"],
@@ -381,6 +403,7 @@ def test_t5_binary_runs_its_default_config(tmp_path, flags, strategy):
         assert json.load(f)["train_steps"] == 2 * 3
 
 
+@pytest.mark.slow
 def test_default_config_gives_the_same_report_on_a_busy_machine(tmp_path):
     # Hosts of one machine kind differ (their CPUs' float kernels), so the
     # docs quote ranges over seeds; on one host a config's report is bit
@@ -411,7 +434,7 @@ def test_default_config_gives_the_same_report_on_a_busy_machine(tmp_path):
 @pytest.mark.parametrize("override,expected", [
     ("--config.model.kk=3", "Unknown config key 'kk' in --config.model.kk"
                             ".*Did you mean \"k\"\\?.*Valid keys of "
-                            "config.model: .*method, name"),
+                            "config.model: .*method, mlp_dim, name"),
     ("--config.modle.k=3", "Unknown config key 'modle'.*Did you mean "
                            "\"model\"\\?.*Valid keys of config: "),
 ])

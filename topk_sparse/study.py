@@ -5,8 +5,9 @@
 `<workdir>/runs/<run>` (a run with a report.json is skipped: a killed study
 resumes), then writes `<workdir>/study.json` (every run's config, report
 and step-0 sparsity; per claim, each quantity's mean over seeds with a
-t-interval and the verdict), `tables.md` (one table per claim) and the
-plots `claim{1,2,3,4}_*.png`.
+t-interval and the verdict), `README.md` (the results page: one table per
+claim, the figures; `results_page`) and the plots `claim{1,2,3,4}_*.png`.
+The repository's `results/` is such a workdir, less its runs.
 
 The claims (*The Lazy Neuron Phenomenon*, arXiv 2210.06313):
 
@@ -226,7 +227,7 @@ def initial_nonzero(config, batches):
 
 def run(study, workdir, log=print):
     """Trains the grid's missing runs in `<workdir>/runs/`, then writes
-    study.json, tables.md and the plots to `workdir`; returns the study
+    study.json, README.md and the plots to `workdir`; returns the study
     dict.
 
     Several processes may run the same study at once (each takes a run by
@@ -286,8 +287,8 @@ def run(study, workdir, log=print):
                             r["report"]["wall_time_s"] for r in results), 1)},
                "runs": results}
     _write_json(os.path.join(workdir, "study.json"), summary)
-    with open(os.path.join(workdir, "tables.md"), "w") as f:
-        f.write(tables(summary))
+    with open(os.path.join(workdir, "README.md"), "w") as f:
+        f.write(results_page(summary))
     plot(summary, workdir)
     return summary
 
@@ -599,6 +600,42 @@ def _fmt(value, digits=2):
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "—"
     return f"{value:.{digits}f}"
+
+
+# The figures `plot` draws, with what each shows.
+FIGURES = {
+    "claim1_sparsity_over_training.png": "nonzero share per MLP over "
+                                         "training, train and eval data",
+    "claim2_width_depth.png": "nonzero share and active units vs mlp_dim "
+                              "and depth",
+    "claim3_random.png": "nonzero share over training with random labels, "
+                         "random inputs, an unlimited stream",
+    "claim4_topk.png": "Top-k vs dense: accuracy under label noise and "
+                       "corruptions, calibration",
+}
+
+
+def results_page(summary):
+    """Markdown: the study's results page (`<workdir>/README.md`): what ran,
+    the figures, one table per claim. `results/README.md` is this page of
+    `results/study.json` (tests/test_study.py checks that it is)."""
+    grid = summary["grid"]
+    lines = [
+        "# The Lazy Neuron study: results", "",
+        "Written by `python -m trainers.study --config=configs/study.py "
+        "--workdir=DIR` (`topk_sparse.study.results_page` of this folder's "
+        f"`study.json`): {grid['runs']} of {grid['planned_runs']} runs in "
+        f"{grid['cells']} cells, {grid['wall_time_s'] / 60:.0f} min of "
+        "training and evaluation added over runs. Every run's config and "
+        "report, and each quantity's values per seed: `study.json`. The "
+        "grid and the verdict rules: `configs/study.py`, "
+        "`topk_sparse/study.py`.", "",
+        "## Figures", ""]
+    for name, shows in FIGURES.items():
+        lines += [f"{shows[0].upper()}{shows[1:]} (`{name}`):", "",
+                  f"![{shows}]({name})", ""]
+    lines += ["## Tables", "", tables(summary)]
+    return "\n".join(lines)
 
 
 def tables(summary):

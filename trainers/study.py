@@ -6,7 +6,8 @@ r"""Runs the Lazy Neuron study: a grid of ViT and T5 trainings, aggregated.
 
 Each run trains in `<workdir>/runs/<run>`; a run with a report.json is
 skipped, so a killed study started again resumes. The workdir then holds
-study.json, tables.md and the plots (`topk_sparse.study`). Two processes
+study.json, README.md (the results page) and the plots
+(`topk_sparse.study`). Two processes
 may share the grid (`nice -n 19 python -m trainers.study ... &` twice); then
 aggregate with `--config.train=False` once both have ended.
 """
@@ -41,7 +42,8 @@ def main(argv):
     if summary is None:
         return  # other processes still train runs of this study
     print(study.tables(summary), flush=True)
-    print(f"Study: {_WORKDIR.value}/study.json, tables.md, *.png", flush=True)
+    print(f"Study: {_WORKDIR.value}/README.md, study.json, *.png",
+          flush=True)
 
 
 if __name__ == "__main__":
