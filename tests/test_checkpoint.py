@@ -204,7 +204,7 @@ def test_a_killed_run_resumes_to_the_same_report(tmp_path):
 
 @pytest.mark.slow
 def test_config_errors_are_one_line(tmp_path):
-    for flags, expected in [
+    for i, (flags, expected) in enumerate([
             (["--config.model.k=999"], "FATAL config error: config.model: "
                                        "k=999 is larger"),
             (["--config.epochs=0"], "FATAL config error: config.epochs must "
@@ -212,9 +212,10 @@ def test_config_errors_are_one_line(tmp_path):
             (["--config.model.mlp_dim=0"], "FATAL config error: "
              "config.model: mlp_dim must be a positive int, got 0."),
             (["--config=configs/nope.py"], "--config=configs/nope.py: no "
-                                           "such file. Configs here: ")]:
+                                           "such file. Configs here: ")]):
+        # A workdir each: a config error at build time leaves config.json.
         process = run_python(["-m", "trainers.vit", *flags,
-                              f"--workdir={tmp_path}"])
+                              f"--workdir={tmp_path / str(i)}"])
         output = process.communicate(timeout=120)[0]
         assert process.returncode == 1, output
         assert "Traceback" not in output and expected in output, output

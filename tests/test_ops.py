@@ -1,10 +1,12 @@
-"""Behaviour of the pure-TensorFlow Top-k functions in topk_sparse.ops."""
+"""Behaviour of the Top-k functions in topk_sparse.ops, on every backend."""
 
+import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 from hypothesis import given, settings, strategies as st
 
+from tests import backend
+from tests.backend import compiled, normal, numpy
 from topk_sparse import ops
 
 
@@ -25,9 +27,9 @@ def test_exact_matches_reference_with_ties_and_few_positives():
         [0.0, 0.0, 0.0, 0.0, 0.0, 0.0],
         [5.0, 4.0, 3.0, 2.0, 1.0, 0.0],
     ], "float32")
-    out = ops.topk_mask(x, k=2, method="exact").numpy()
+    out = numpy(ops.topk_mask(x, k=2, method="exact"))
     np.testing.assert_array_equal(out, reference_topk_mask(x, 2))
-    # The tie rule is tf.math.top_k's: the lower index wins.
+    # The tie rule is top_k's: the lower index wins.
     np.testing.assert_array_equal(out[0], [0, 2, 2, 0, 0, 0])
     np.testing.assert_array_equal(out[1], [0, 3, 0, 0, 0, 0])
 
@@ -35,36 +37,45 @@ def test_exact_matches_reference_with_ties_and_few_positives():
 @pytest.mark.parametrize("method", ["exact", "approx", "auto"])
 def test_keeps_at_most_k_largest_with_unknown_dims_and_gradient(method):
     k = 5
-    x = tf.random.stateless_normal([3, 7, 64], seed=[1, 2])
+    x = normal([3, 7, 64], seed=1)
 
-    @tf.function(input_signature=[tf.TensorSpec([None, None, 64])])
-    def masked_and_grad(x):
-        with tf.GradientTape() as tape:
-            tape.watch(x)
-            y = ops.topk_mask(x, k, method=method)
-            loss = tf.reduce_sum(y * tf.range(64, dtype=y.dtype))
-        return y, tape.gradient(loss, x)
+    def loss_and_mask(x):
+        y = ops.topk_mask(x, k, method=method)
+        return keras.ops.sum(y * keras.ops.arange(64, dtype=y.dtype)), y
 
-    y, grad = masked_and_grad(x)
-    np.testing.assert_array_equal(y.numpy(), reference_topk_mask(x.numpy(), k))
-    kept = y.numpy() != 0
-    np.testing.assert_array_equal(grad.numpy() != 0, kept & (np.arange(64) > 0))
+    (_, y), grad = backend.with_unknown_dims(
+        backend.value_and_grad(loss_and_mask), [None, None, 64])(x)
+    y, grad = numpy(y), numpy(grad)
+    np.testing.assert_array_equal(y, reference_topk_mask(x, k))
+    np.testing.assert_array_equal(grad != 0, (y != 0) & (np.arange(64) > 0))
 
 
 def test_gradient_matches_numeric():
-    x = tf.random.stateless_normal([4, 16], seed=[3, 4], dtype=tf.float64)
-    theoretical, numeric = tf.test.compute_gradient(
-        lambda x: ops.topk_mask(x, 3, method="exact"), [x], delta=1e-6)
-    np.testing.assert_allclose(theoretical[0], numeric[0], atol=1e-6)
+    x = normal([4, 16], seed=3)
+    weights = normal([4, 16], seed=4)
+
+    def loss(x):
+        return keras.ops.sum(ops.topk_mask(x, 3, method="exact") * weights),
+
+    _, grad = backend.value_and_grad(loss)(x)
+    # Central differences: the function is linear between its kinks, which
+    # are farther apart than `delta` for these inputs.
+    delta, numeric = 1e-2, np.zeros_like(x)
+    for i in np.ndindex(x.shape):
+        step = np.zeros_like(x)
+        step[i] = delta
+        numeric[i] = (float(loss(x + step)[0]) -
+                      float(loss(x - step)[0])) / (2 * delta)
+    np.testing.assert_allclose(numpy(grad), numeric, atol=1e-4)
+    assert (numeric != 0).sum() == 4 * 3
 
 
 @pytest.mark.parametrize("method", ["exact", "approx"])
 def test_jit_compile_matches_eager(method):
-    x = tf.random.stateless_normal([8, 3072], seed=[5, 6])
+    x = normal([8, 3072], seed=5)
     eager = ops.topk_mask(x, 64, method=method)
-    compiled = tf.function(
-        lambda x: ops.topk_mask(x, 64, method=method), jit_compile=True)(x)
-    np.testing.assert_array_equal(eager.numpy(), compiled.numpy())
+    jitted = compiled(lambda x: ops.topk_mask(x, 64, method=method), "jit")
+    np.testing.assert_array_equal(numpy(eager), numpy(jitted(x)))
 
 
 @settings(max_examples=25, deadline=None)
@@ -78,10 +89,10 @@ def test_jit_compile_matches_eager(method):
 )
 def test_properties(rows, n, k_fraction, dtype, method, seed):
     k = max(1, int(round(k_fraction * n)))
-    x = tf.cast(tf.random.stateless_normal([rows, n], seed=[seed, 0]), dtype)
+    x = keras.ops.cast(normal([rows, n], seed), dtype)
     y = ops.topk_mask(x, k, method=method)
     assert y.dtype == x.dtype and y.shape == x.shape
-    x32, y32 = (tf.cast(t, tf.float32).numpy() for t in (x, y))
+    x32, y32 = (numpy(keras.ops.cast(t, "float32")) for t in (x, y))
     kept = y32 != 0
     assert (kept.sum(-1) <= k).all()
     np.testing.assert_array_equal(y32[kept], x32[kept])
@@ -109,11 +120,11 @@ def reference_binned(x, k, bins):
 @pytest.mark.parametrize("n,k,recall_target", [
     (3072, 64, 0.95), (3072, 16, 0.9), (1000, 8, 0.8), (2048, 1, 0.95)])
 def test_binned_approx_selects_top_of_top_bins(n, k, recall_target):
-    x = tf.random.stateless_normal([6, n], seed=[7, n])
+    x = normal([6, n], seed=n)
     _, indices = ops.topk_indices(x, k, "approx", recall_target)
     bins = ops.approx_bin_count(n, k, recall_target)
     np.testing.assert_array_equal(
-        np.sort(indices.numpy(), -1), reference_binned(x.numpy(), k, bins))
+        np.sort(numpy(indices), -1), reference_binned(x, k, bins))
 
 
 @pytest.mark.parametrize("n,k,recall_target", [
@@ -121,12 +132,12 @@ def test_binned_approx_selects_top_of_top_bins(n, k, recall_target):
     (3000, 100, 0.9)])
 def test_binned_recall_meets_target_and_formula(n, k, recall_target):
     seeds, rows = 24, 128
-    x = tf.concat([tf.random.stateless_normal([rows, n], seed=[8, seed])
-                   for seed in range(seeds)], axis=0)
+    x = np.concatenate([normal([rows, n], seed=(8, seed))
+                        for seed in range(seeds)], axis=0)
     _, approx = ops.topk_indices(x, k, "approx", recall_target)
-    _, exact = tf.math.top_k(x, k)
-    hits = tf.reduce_sum(tf.cast(
-        approx[:, :, None] == exact[:, None, :], tf.float32), [1, 2])
+    approx = numpy(approx)
+    exact = np.argsort(-x, axis=-1, kind="stable")[:, :k]
+    hits = (approx[:, :, None] == exact[:, None, :]).sum((1, 2))
     # Per-row recall; rows are iid, so each seed's recall is a mean of
     # `rows` iid draws, whose standard error is the rows' sample standard
     # deviation over sqrt(rows). The formula must lie within 5 standard
@@ -134,7 +145,7 @@ def test_binned_recall_meets_target_and_formula(n, k, recall_target):
     # and of the recall pooled over all seeds (sqrt(24)x tighter: about
     # 0.0002-0.001 here; the independent-bin model, 0.003-0.015 too low on
     # these cases, fails it on three of them).
-    per_row = hits.numpy().reshape(seeds, rows) / k
+    per_row = hits.reshape(seeds, rows) / k
     expected = ops.expected_recall(n, k, recall_target)
     for seed_rows in per_row:
         recall = seed_rows.mean()
@@ -175,10 +186,10 @@ def test_binned_is_exact_without_reduction_or_with_fewer_bins_than_k():
     assert ops.expected_recall(4096, 128, 0.95) == 1.0  # L == n
     # recall_target < 1/e: XLA's formula gives L = 768 bins for k = 1000.
     assert ops.approx_bin_count(3072, 1000, 0.1) == 768
-    x = tf.random.stateless_normal([3, 3072], seed=[4, 4])
+    x = normal([3, 3072], seed=4)
     _, indices = ops.topk_indices(x, 1000, "approx", 0.1)
     np.testing.assert_array_equal(
-        indices.numpy(), tf.math.top_k(x, 1000).indices.numpy())
+        numpy(indices), np.argsort(-x, axis=-1, kind="stable")[:, :1000])
     assert ops.expected_recall(3072, 1000, 0.1) == 1.0
 
 
@@ -235,7 +246,8 @@ def test_bin_count_matches_xla():
     `jax.eval_shape` checks thousands of cases in about a second."""
     import jax
     import jax.numpy as jnp
-    jax.config.update("jax_platforms", "cpu")  # leave any TPU to TensorFlow
+    if backend.BACKEND == "tensorflow":
+        jax.config.update("jax_platforms", "cpu")  # leave a TPU to TF
 
     def xla_bin_count(n, k, r, rank):
         shape = (1, n) if rank == 2 else (n,)
@@ -262,18 +274,26 @@ def test_bin_count_matches_xla():
 
 
 def test_auto_and_approx_use_approx_max_k_on_tpu(monkeypatch):
+    # The backend's own op: tf.math.approx_max_k or jax.lax.approx_max_k.
+    if backend.BACKEND == "jax":
+        import jax
+        module, name = jax.lax, "approx_max_k"
+    else:
+        import tensorflow as tf
+        module, name = tf.math, "approx_max_k"
     calls = []
-    real = tf.math.approx_max_k
+    real = getattr(module, name)
     monkeypatch.setattr(ops, "on_tpu", lambda: True)
-    monkeypatch.setattr(tf.math, "approx_max_k",
+    monkeypatch.setattr(module, name,
                         lambda *a, **kw: calls.append(kw) or real(*a, **kw))
-    x = tf.random.stateless_normal([4, 256], seed=[9, 9])
+    x = normal([4, 256], seed=9)
     y = ops.topk_mask(x, 8, method="auto", recall_target=0.9)
     assert calls == [{"recall_target": 0.9}]
     # approx_max_k is exact off TPU.
-    np.testing.assert_array_equal(y.numpy(), reference_topk_mask(x.numpy(), 8))
-    with pytest.raises(TypeError, match="float64"):
-        ops.topk_mask(tf.cast(x, tf.float64), 8, method="approx")
+    np.testing.assert_array_equal(numpy(y), reference_topk_mask(x, 8))
+    if "float64" in backend.FLOAT_DTYPES:
+        with pytest.raises(TypeError, match="float64"):
+            ops.topk_mask(x.astype("float64"), 8, method="approx")
     monkeypatch.setattr(ops, "on_tpu", lambda: False)
     assert ops.resolve_method("auto") == "exact"
 
@@ -286,7 +306,7 @@ def test_auto_and_approx_use_approx_max_k_on_tpu(monkeypatch):
     (np.int64(9), "choose 0 < k <= 8")])
 def test_bad_k(k, match):
     with pytest.raises(ValueError, match=match):
-        ops.topk_mask(tf.ones([2, 8]), k)
+        ops.topk_mask(np.ones([2, 8], "float32"), k)
     with pytest.raises(ValueError, match="k"):
         ops.validate_k(k, 8)
 
@@ -295,12 +315,12 @@ def test_bad_k(k, match):
     np.int64(3), np.int32(3), np.uint8(3), np.array(3), np.array(3, "int16")])
 def test_k_accepts_integral_numbers(k):
     assert ops.validate_k(k, 8) == 3 and type(ops.validate_k(k)) is int
-    x = tf.random.stateless_normal([2, 8], seed=[1, 3])
+    x = normal([2, 8], seed=1)
     for method in ("exact", "approx", "statistical"):
         values, indices = ops.topk_activations(x, k, method)
         assert values.shape == indices.shape == (2, 3)
-        np.testing.assert_array_equal(ops.topk_mask(x, k, method),
-                                      ops.topk_mask(x, 3, method))
+        np.testing.assert_array_equal(numpy(ops.topk_mask(x, k, method)),
+                                      numpy(ops.topk_mask(x, 3, method)))
     assert ops.approx_bin_count(np.int64(3072), k, 0.9) == \
         ops.approx_bin_count(3072, 3, 0.9)
     assert ops.expected_recall(np.int64(3072), np.int64(64)) == \
@@ -308,17 +328,20 @@ def test_k_accepts_integral_numbers(k):
 
 
 def test_bad_inputs():
+    ones = np.ones([2, 8], "float32")
     with pytest.raises(ValueError, match="Unknown method"):
-        ops.topk_mask(tf.ones([2, 8]), 2, method="fast")
+        ops.topk_mask(ones, 2, method="fast")
     with pytest.raises(ValueError, match="recall_target"):
-        ops.topk_mask(tf.ones([2, 8]), 2, recall_target=1.5)
+        ops.topk_mask(ones, 2, recall_target=1.5)
     with pytest.raises(TypeError, match="floating-point"):
-        ops.topk_mask(tf.ones([2, 8], tf.int32), 2)
+        ops.topk_mask(ones.astype("int32"), 2)
     with pytest.raises(ValueError, match="rank >= 1"):
-        ops.topk_mask(tf.constant(1.0), 1)
-    with pytest.raises(ValueError, match="last axis"):
-        tf.function(lambda x: ops.topk_mask(x, 2)).get_concrete_function(
-            tf.TensorSpec([2, None]))
+        ops.topk_mask(np.float32(1.0), 1)
+    if backend.BACKEND == "tensorflow":  # JAX knows every size when tracing
+        import tensorflow as tf
+        with pytest.raises(ValueError, match="last axis"):
+            tf.function(lambda x: ops.topk_mask(x, 2)).get_concrete_function(
+                tf.TensorSpec([2, None]))
 
 
 def reference_statistical(x, k):
@@ -331,9 +354,9 @@ def reference_statistical(x, k):
 
 
 def test_statistical_keeps_what_exceeds_the_gaussian_cutoff():
-    x = tf.random.stateless_normal([512, 3072], seed=[10, 1]) + 0.3
-    y = ops.topk_mask(x, 64, method="statistical").numpy()
-    expected = reference_statistical(x.numpy(), 64)
+    x = normal([512, 3072], seed=10) + np.float32(0.3)
+    y = numpy(ops.topk_mask(x, 64, method="statistical"))
+    expected = reference_statistical(x, 64)
     # float32 moments vs float64: entries within rounding of the cutoff may
     # flip; a handful at most.
     assert (y != expected).sum() <= 5
@@ -341,95 +364,85 @@ def test_statistical_keeps_what_exceeds_the_gaussian_cutoff():
     assert abs(counts.mean() - 64) < 2  # about k per row on Gaussian rows
     assert counts.std() < 12
     # A row with too few positives keeps only those; k == n is ReLU.
-    small = tf.constant([[-1.0, -2.0, 3.0, -4.0]])
+    small = np.array([[-1.0, -2.0, 3.0, -4.0]], "float32")
     np.testing.assert_array_equal(
-        ops.topk_mask(small, 2, method="statistical"), [[0, 0, 3, 0]])
+        numpy(ops.topk_mask(small, 2, method="statistical")), [[0, 0, 3, 0]])
     np.testing.assert_array_equal(
-        ops.topk_mask(small, 4, method="statistical"), tf.nn.relu(small))
+        numpy(ops.topk_mask(small, 4, method="statistical")),
+        np.maximum(small, 0))
 
 
 def test_statistical_unknown_dims_gradient_jit_and_bfloat16():
-    x = tf.random.stateless_normal([3, 7, 256], seed=[11, 2])
+    x = normal([3, 7, 256], seed=11)
 
-    @tf.function(input_signature=[tf.TensorSpec([None, None, 256])])
-    def masked_and_grad(x):
-        with tf.GradientTape() as tape:
-            tape.watch(x)
-            y = ops.topk_mask(x, 16, method="statistical")
-            loss = tf.reduce_sum(y)
-        return y, tape.gradient(loss, x)
+    def loss_and_mask(x):
+        y = ops.topk_mask(x, 16, method="statistical")
+        return keras.ops.sum(y), y
 
-    y, grad = masked_and_grad(x)
-    np.testing.assert_array_equal(grad.numpy(), (y.numpy() != 0))
-    compiled = tf.function(lambda x: ops.topk_mask(x, 16, "statistical"),
-                           jit_compile=True)(x)
-    assert (compiled.numpy() != y.numpy()).sum() <= 2
-    y16 = ops.topk_mask(tf.cast(x, tf.bfloat16), 16, "statistical")
-    assert y16.dtype == tf.bfloat16
-    assert abs(float(tf.reduce_mean(tf.cast(y16 > 0, tf.float32))) * 256
-               - float(tf.reduce_mean(tf.cast(y > 0, tf.float32))) * 256) < 1
+    (_, y), grad = backend.with_unknown_dims(
+        backend.value_and_grad(loss_and_mask), [None, None, 256])(x)
+    y = numpy(y)
+    np.testing.assert_array_equal(numpy(grad), (y != 0))
+    jitted = compiled(lambda x: ops.topk_mask(x, 16, "statistical"), "jit")
+    assert (numpy(jitted(x)) != y).sum() <= 2
+    y16 = ops.topk_mask(keras.ops.cast(x, "bfloat16"), 16, "statistical")
+    assert keras.backend.standardize_dtype(y16.dtype) == "bfloat16"
+    assert abs(float(np.mean(numpy(y16 > 0))) * 256
+               - float(np.mean(y > 0)) * 256) < 1
 
 
 @pytest.mark.parametrize("method", ["exact", "approx", "statistical"])
 def test_topk_activations_feed_the_sparse_product(method):
-    x = tf.random.stateless_normal([4, 5, 96], seed=[1, 1])
-    kernel = tf.random.stateless_normal([96, 12], seed=[2, 2])
+    x = normal([4, 5, 96], seed=1)
+    kernel = normal([96, 12], seed=2)
     values, indices = ops.topk_activations(x, 10, method)
     assert values.shape == indices.shape == (4, 5, 10)
-    kept = ops.topk_mask(x, 10, method).numpy()
+    kept = numpy(ops.topk_mask(x, 10, method))
     if method == "statistical":  # some rows pass more than k: cover both
         counts = (kept > 0).sum(-1)
         assert counts.max() > 10 and counts.min() <= 10
     # The gathered product sums the k largest of the kept activations.
-    expected = reference_topk_mask(kept, 10) @ kernel.numpy()
+    expected = reference_topk_mask(kept, 10) @ kernel
     np.testing.assert_allclose(
-        ops.sparse_mlp_product(values, indices, kernel).numpy(),
+        numpy(ops.sparse_mlp_product(values, indices, kernel)),
         expected, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="statistical"):
         ops.topk_indices(x, 10, "statistical")
-
-
-MODES = {
-    "eager": lambda f: f,
-    "function": tf.function,
-    "jit": lambda f: tf.function(f, jit_compile=True),
-}
 
 
 def with_nan_tokens(seed, shape=(2, 3, 512)):
     """`(clean, x, nan_tokens)`: normal rows, the same with NaNs in two
     tokens (a +NaN past the first k; two -NaN, one at position 0), and
     which tokens hold them."""
-    clean = tf.random.stateless_normal(shape, seed=[12, seed]).numpy()
+    clean = normal(shape, seed=(12, seed))
     x = clean.copy()
     x[0, 1, 300] = np.nan
     x[1, 2, [0, 17]] = -np.nan
     return clean, x, np.isnan(x).any(-1)
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", backend.MODES)
 @pytest.mark.parametrize("method", ["exact", "approx", "statistical"])
 def test_nan_token_propagates_and_leaves_other_tokens(method, mode):
     k, n = 8, 512
     assert ops.approx_bin_count(n, k, 0.9) < n  # "approx" bins for real
     clean, x, nan_tokens = with_nan_tokens(1)
-    kernel = tf.random.stateless_normal([n, 4], seed=[12, 2])
+    kernel = normal([n, 4], seed=(12, 2))
+    masked_grad = backend.value_and_grad(
+        lambda x: (keras.ops.sum(ops.topk_mask(x, k, method, 0.9)),))
+    values_grad = backend.value_and_grad(
+        lambda x: (keras.ops.sum(ops.topk_activations(x, k, method, 0.9)[0]),))
 
-    @MODES[mode]
+    @lambda f: compiled(f, mode)
     def run(x):
-        with tf.GradientTape(persistent=True) as tape:
-            tape.watch(x)
-            masked = ops.topk_mask(x, k, method, 0.9)
-            values, indices = ops.topk_activations(x, k, method, 0.9)
-            masked_sum = tf.reduce_sum(masked)
-            values_sum = tf.reduce_sum(values)
-        return (masked, values, indices, tape.gradient(masked_sum, x),
-                tape.gradient(values_sum, x),
-                tf.matmul(masked, kernel),
+        masked = ops.topk_mask(x, k, method, 0.9)
+        values, indices = ops.topk_activations(x, k, method, 0.9)
+        return (masked, values, indices, masked_grad(x)[1],
+                values_grad(x)[1], keras.ops.matmul(masked, kernel),
                 ops.sparse_mlp_product(values, indices, kernel))
 
-    got = [t.numpy() for t in run(tf.constant(x))]
-    want = [t.numpy() for t in run(tf.constant(clean))]
+    got = [numpy(t) for t in run(x)]
+    want = [numpy(t) for t in run(clean)]
     # Every other token: exactly its NaN-free result, gradients included.
     for got_t, want_t in zip(got, want):
         np.testing.assert_array_equal(got_t[~nan_tokens], want_t[~nan_tokens])
@@ -446,9 +459,9 @@ def test_nan_token_propagates_and_leaves_other_tokens(method, mode):
         assert np.isnan(masked).all()
     assert np.isnan(dense_out).all() and np.isnan(sparse_out).all()
     if method != "statistical":
-        values, indices = (t.numpy() for t in MODES[mode](
-            lambda x: ops.topk_indices(x, k, method, 0.9))(tf.constant(x)))
-        clean_values, clean_indices = (t.numpy() for t in ops.topk_indices(
+        values, indices = (numpy(t) for t in compiled(
+            lambda x: ops.topk_indices(x, k, method, 0.9), mode)(x))
+        clean_values, clean_indices = (numpy(t) for t in ops.topk_indices(
             clean, k, method, 0.9))
         np.testing.assert_array_equal(values[~nan_tokens],
                                       clean_values[~nan_tokens])
@@ -461,8 +474,8 @@ def test_nan_token_propagates_and_leaves_other_tokens(method, mode):
 @pytest.mark.parametrize("method", ["exact", "approx", "statistical"])
 def test_nan_row_keeps_nan_not_its_largest_values(method):
     # Before: exact kept both NaNs and dropped 5 and 4.
-    x = tf.constant([3.0, np.nan, 2.0, 5.0, -1.0, np.nan, 1.0, 4.0])
-    out = ops.topk_mask(x, 2, method).numpy()
+    x = np.array([3.0, np.nan, 2.0, 5.0, -1.0, np.nan, 1.0, 4.0], "float32")
+    out = numpy(ops.topk_mask(x, 2, method))
     if method == "statistical":
         assert np.isnan(out).all()
     else:
@@ -470,5 +483,62 @@ def test_nan_row_keeps_nan_not_its_largest_values(method):
             np.isnan(out), [1, 1, 0, 0, 0, 1, 0, 0])
         assert (out[~np.isnan(out)] == 0).all()
     values, indices = ops.topk_activations(x, 2, method)
-    assert np.isnan(values.numpy()).all()
-    np.testing.assert_array_equal(indices, [0, 1])
+    assert np.isnan(numpy(values)).all()
+    np.testing.assert_array_equal(numpy(indices), [0, 1])
+
+
+# The other backend ----------------------------------------------------------
+
+def outputs_on_this_backend(x):
+    """`{name: numpy array}`: Top-k of `x` by method, and the gathered
+    product, as this process's backend computes them."""
+    out = {}
+    for method in ("exact", "approx", "statistical"):
+        out[f"{method}/mask"] = ops.topk_mask(x, 24, method, 0.9)
+        values, indices = ops.topk_activations(x, 24, method, 0.9)
+        out[f"{method}/values"], out[f"{method}/indices"] = values, indices
+        out[f"{method}/product"] = ops.sparse_mlp_product(
+            values, indices, x[0, :16].T.copy())
+    return {name: numpy(value) for name, value in out.items()}
+
+
+def test_the_other_backend_gives_the_same_outputs(tmp_path):
+    """Top-k by method, with ties, a NaN token and the gathered product,
+    here and under the other Keras backend (a subprocess), same inputs."""
+    import os
+    import pathlib
+    import subprocess
+    import sys
+    x = normal([2, 512, 768], seed=14)
+    x[0, 3, 100:110] = 2.5  # ties at the k-th value
+    x[1, 7, 5] = np.nan
+    np.save(tmp_path / "x.npy", x)
+    other = {"tensorflow": "jax", "jax": "tensorflow"}[backend.BACKEND]
+    subprocess.run(
+        [sys.executable, "-c",
+         "import sys, numpy as np\n"
+         "from tests.test_ops import outputs_on_this_backend\n"
+         "np.savez(sys.argv[2], **outputs_on_this_backend("
+         "np.load(sys.argv[1])))", str(tmp_path / "x.npy"),
+         str(tmp_path / "other.npz")],
+        check=True, timeout=300, cwd=pathlib.Path(__file__).parent.parent,
+        env={**os.environ, "KERAS_BACKEND": other})
+    theirs = dict(np.load(tmp_path / "other.npz"))
+    ours = outputs_on_this_backend(x)
+    # Where fewer than k pass its cutoff, "statistical" fills with zeros,
+    # whose order differs (JAX ranks -0.0 below 0.0): compare the indices
+    # of kept entries only.
+    for out in (ours, theirs):
+        out["statistical/indices"] = np.where(
+            out["statistical/values"] != 0, out["statistical/indices"], -1)
+    for key, ours in ours.items():
+        if "statistical" in key:
+            # float32 moments summed in another order: entries at the
+            # cutoff may flip (and the product rows that hold them).
+            differ = ~np.isclose(ours, theirs[key], rtol=1e-5, atol=1e-5,
+                                 equal_nan=True)
+            assert differ.sum() <= 8 * (16 if "product" in key else 1), key
+        else:
+            rtol = 1e-5 if key.endswith("product") else 0
+            np.testing.assert_allclose(ours, theirs[key], rtol=rtol,
+                                       atol=rtol, equal_nan=True, err_msg=key)

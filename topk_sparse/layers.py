@@ -11,9 +11,9 @@ reports in `fit` logs as `<layer name>/nonzero_fraction`.
 """
 
 import fractions
+import math
 
 import keras
-import tensorflow as tf
 
 from topk_sparse import checks, ops
 from topk_sparse.sparsity import NonzeroFraction, TopKRecall
@@ -25,13 +25,9 @@ GATHER_MAX_SHARE = fractions.Fraction(1, 6)  # exact: no rounding at the edge
 the output kernel's rows: `tokens * k <= GATHER_MAX_SHARE * mlp_dim`
 (hidden 3072, k=64: up to 8 tokens; k=256: 2).
 
-Measured with `python benchmarks/topk_mlp.py [--k=K] [--d_model=512
---hidden=2048]` on this 2-core CPU, gathered forward time / dense: hidden
-3072, k=64: 0.67-0.89 at 1-4 tokens, 0.64-1.00 at 8, 0.92-1.12 at 16 (four
-runs); k=32: 0.70-0.77 at 1, 0.78-0.97 at 8; k=256: 0.88-1.00 at 1,
-1.20-1.37 at 8; hidden 2048, k=32 and 64: 0.77-0.88 at 1, 0.91-1.02 at 8.
 The gather pays while the `tokens * k` rows it reads stay a small part of
-the kernel a dense pass reads once.
+the kernel a dense pass reads once (measured: benchmarks/README.md,
+inference).
 """
 
 
@@ -50,10 +46,11 @@ def _recall_metric(layer):
 
 
 def _check_floating(x, layer):
-    if not x.dtype.is_floating:
+    dtype = keras.backend.standardize_dtype(x.dtype)
+    if dtype not in ops.FLOAT_DTYPES:
         raise TypeError(
             f"{layer.__class__.__name__} {layer.name!r} needs floating-point "
-            f"inputs, got dtype {x.dtype.name}: cast them to float32.")
+            f"inputs, got dtype {dtype}: cast them to float32.")
 
 
 @keras.saving.register_keras_serializable(package="topk_sparse")
@@ -63,7 +60,7 @@ class TopKActivation(keras.layers.Layer):
     The Top-k nonlinearity of *The Lazy Neuron Phenomenon*: the rest of the
     last axis is zeroed and gets no gradient. A token with fewer than `k`
     positive activations keeps only those. Ties go to the lower index, as in
-    `tf.math.top_k`. (`method="statistical"` keeps instead the activations
+    `top_k`. (`method="statistical"` keeps instead the activations
     above a per-token cutoff: about `k`.)
 
     Args:
@@ -72,8 +69,8 @@ class TopKActivation(keras.layers.Layer):
         positive activation: a plain ReLU that still measures its sparsity
         (the dense baseline, as `SparseMLP(k=None)`).
       method: str. `"auto"` (default: `"approx"` on TPU, `"exact"`
-        elsewhere), `"exact"` (`tf.math.top_k`), `"approx"` (TPU-KNN's
-        binned top-k: `tf.math.approx_max_k` on TPU) or `"statistical"`
+        elsewhere), `"exact"` (`keras.ops.top_k`), `"approx"` (TPU-KNN's
+        binned top-k: `approx_max_k` on TPU) or `"statistical"`
         (keep what exceeds the row's `mean + std · Φ⁻¹(1 - k/n)`: about `k`
         entries, no sort; see `ops.statistical_cutoff`).
       recall_target: float in (0, 1]. Expected recall of `"approx"`.
@@ -117,7 +114,7 @@ class TopKActivation(keras.layers.Layer):
     def call(self, inputs):
         _check_floating(inputs, self)
         if self.k is None:
-            outputs = tf.nn.relu(inputs)
+            outputs = keras.ops.relu(inputs)
         else:
             outputs = ops.topk_mask(inputs, self.k, self.method,
                                     self.recall_target)
@@ -244,7 +241,7 @@ class SparseMLP(keras.layers.Layer):
         if self.gathers(inputs):
             return self._gathered_output(hidden)
         if self.k is None:
-            activations = tf.nn.relu(hidden)
+            activations = keras.ops.relu(hidden)
         else:
             activations = ops.topk_mask(hidden, self.k, self.method,
                                         self.recall_target)
@@ -268,9 +265,9 @@ class SparseMLP(keras.layers.Layer):
     def reads_few_rows(self, inputs, rows_per_token):
         """Whether the call's static token count times `rows_per_token` is at
         most `GATHER_MAX_SHARE` of `mlp_dim`."""
-        tokens = inputs.shape[:-1].num_elements()
-        return tokens is not None and \
-            tokens <= self.max_tokens(rows_per_token)
+        lead = tuple(inputs.shape[:-1])
+        return None not in lead and \
+            math.prod(lead) <= self.max_tokens(rows_per_token)
 
     def max_tokens(self, rows_per_token):
         """The most tokens a call may have while reading `rows_per_token`
@@ -283,8 +280,8 @@ class SparseMLP(keras.layers.Layer):
         weights to it)."""
         bias = self.intermediate_bias
         return ops.project(
-            inputs, tf.cast(self.intermediate_kernel, inputs.dtype),
-            None if bias is None else tf.cast(bias, inputs.dtype))
+            inputs, keras.ops.cast(self.intermediate_kernel, inputs.dtype),
+            None if bias is None else keras.ops.cast(bias, inputs.dtype))
 
     def _gathered_output(self, hidden):
         values, indices = ops.topk_activations(hidden, self.k, self.method,

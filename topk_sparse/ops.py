@@ -1,8 +1,11 @@
-"""Top-k activation sparsity as pure TensorFlow functions.
+"""Top-k activation sparsity as `keras.ops` functions, on every backend.
 
-No Keras here: the same functions serve the Keras 3 layers of this package,
-tf_keras / Model Garden blocks (as an `inner_activation`) and plain
-`tf.function` code.
+No layers here: the same functions serve the Keras 3 layers of this package
+on the TensorFlow and the JAX backend, tf_keras / Model Garden blocks (as an
+`inner_activation`, TensorFlow backend) and plain `tf.function` or
+`jax.jit` code. What only a backend can do (TPU's `approx_max_k`, whether we
+are on a TPU, whether XLA compiles the code being traced) is
+`topk_sparse.backend`.
 
 The Top-k MLP of *The Lazy Neuron Phenomenon* (arXiv 2210.06313) computes
 `V · TopK_k(relu(Kᵀx))` per token. This module provides:
@@ -18,9 +21,10 @@ The Top-k MLP of *The Lazy Neuron Phenomenon* (arXiv 2210.06313) computes
 
 The `"exact"` and `"approx"` methods select *indices* and the mask is built
 from them, so the masked and the gathered paths keep exactly the same
-entries. The tie rule is that of `tf.math.top_k`: among equal values the
-lower index wins, so a row keeps exactly `k` entries (and fewer nonzeros when
-fewer than `k` are positive). `"statistical"` instead keeps what exceeds a
+entries. The tie rule is that of `top_k` on both backends
+(`tf.math.top_k`, `jax.lax.top_k`): among equal values the lower index
+wins, so a row keeps exactly `k` entries (and fewer nonzeros when fewer
+than `k` are positive). `"statistical"` instead keeps what exceeds a
 per-row cutoff estimated from the row's mean and standard deviation: about
 `k` entries, in linear time and without a sort.
 
@@ -33,46 +37,36 @@ token's MLP output is NaN on the masked and the gathered path alike and a
 loss over it is NaN, while every other row is exactly what it is without
 that row. `"statistical"` treats a row holding an infinity the same way
 (its cutoff is NaN too). The sparsity metrics (`topk_sparse.sparsity`)
-skip such tokens. Before this policy, `top_k`'s ranking of NaNs decided
-what a NaN row kept, and it differs by backend (TensorFlow's kernel ranks
-a NaN arbitrarily and can drop it, XLA ranks +NaN first and -NaN last): a
-NaN row kept its NaNs in place of its largest values, or lost them
-silently on the gathered path.
+skip such tokens. Without this policy `top_k`'s ranking of NaNs would
+decide what a NaN row keeps, and it differs by backend and kernel.
+The NaN goes into the `k` mask updates per row, not the whole row, so that
+`"exact"` and `"approx"` add no elementwise op over `[rows, n]`: only one
+row sum, read without a write (measured: benchmarks/README.md, design
+measurements).
 
-Why NaN at `k` positions and not the whole row: the NaN goes into the `k`
-mask updates per row, so `"exact"` and `"approx"` add no elementwise op
-over `[rows, n]`, only the test: one row sum of the ReLU output, read
-without a write (NaN exactly when an entry is NaN, the others being >= 0
-or +inf; `top_k`'s outputs cannot tell). 2048 x 3072, k=128, 2
-CPU cores, interleaved with the code before: `topk_mask` `"exact"` 0.95x
-to 1.03x its old time in `tf.function` and under XLA (noise: the sum
-is 1-2 ms of 80-230 ms); a whole-row NaN measured 1.4x in `tf.function`.
-`"statistical"` reads the flag off its cutoff, and its whole-row NaN adds
-one `[rows, n]` add outside XLA (1.10x-1.15x, 2-4 ms), none under XLA.
-
-Why indices and not a value threshold: under `jit_compile=True` on CPU, XLA
-rewrites a `top_k` whose indices are unused into a full sort of the row, and a
-threshold-mask train step then costs 3.2x the dense step (2048 x 768 -> 3072,
-measured here); with the indices consumed it stays XLA's `TopK` kernel
-(1.06x-1.25x).
+Why indices and not a value threshold: under XLA on CPU, a `top_k` whose
+indices are unused is rewritten into a full sort of the row (a 3.2x train
+step, benchmarks/README.md); with the indices consumed it stays XLA's
+`TopK` kernel.
 """
 
 import math
 import statistics
 
+import keras
+from keras import ops
 import numpy as np
-import tensorflow as tf
 
-from topk_sparse import checks
+from topk_sparse import backend, checks
 
 METHODS = ("auto", "exact", "approx", "statistical")
-"""Top-k methods. `"exact"`: `tf.math.top_k`. `"approx"`: TPU-KNN's binned
-approximation (`tf.math.approx_max_k` on TPU, the same algorithm in portable
-ops elsewhere). `"statistical"`: the Gaussian cutoff of Spark Transformer
+"""Top-k methods. `"exact"`: `keras.ops.top_k`. `"approx"`: TPU-KNN's binned
+approximation (`approx_max_k` on TPU, the same algorithm in portable ops
+elsewhere). `"statistical"`: the Gaussian cutoff of Spark Transformer
 (arXiv 2506.06644), keeping about `k` per row. `"auto"`: `"approx"` on TPU,
 `"exact"` elsewhere."""
 
-FLOAT_DTYPES = (tf.float16, tf.bfloat16, tf.float32, tf.float64)
+FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 
 # XLA's approx_topk_shape.cc reduces in tiles of one TPU lane (128) for
 # operands of rank 2 and more, and of 1024 for rank 1.
@@ -109,17 +103,17 @@ def validate_recall_target(recall_target):
 
 
 def on_tpu():
-    """True when TensorFlow has initialized TPU devices in this process."""
-    return bool(tf.config.list_logical_devices("TPU"))
+    """True when this process computes on TPU devices (per backend)."""
+    return backend.on_tpu()
 
 
 def resolve_method(method):
     """The concrete method that `method` runs here (`"auto"` resolved)."""
     validate_method(method)
     if method == "auto":
-        # Off TPU, approx_max_k itself is exact and the portable binned
-        # approximation is not faster than top_k at Transformer sizes
-        # (benchmarks/topk_mlp.py), so the exact method is the fast one.
+        # Off TPU, approx_max_k itself is exact (on both backends) and the
+        # portable binned approximation is not faster than top_k at
+        # Transformer sizes (benchmarks/topk_mlp.py): exact is the fast one.
         return "approx" if on_tpu() else "exact"
     return method
 
@@ -224,13 +218,14 @@ def expected_recall(n, k, recall_target=0.95, rank=2):
 def _check_operand(x, k):
     """`(x, k)`: `x` as a float tensor with a known last dimension, `k` as a
     Python int in `[1, x.shape[-1]]`; else raises."""
-    x = tf.convert_to_tensor(x)
-    if x.dtype not in FLOAT_DTYPES:
+    x = ops.convert_to_tensor(x)
+    dtype = keras.backend.standardize_dtype(x.dtype)
+    if dtype not in FLOAT_DTYPES:
         raise TypeError(
-            f"Top-k needs floating-point activations, got dtype {x.dtype.name}: "
+            f"Top-k needs floating-point activations, got dtype {dtype}: "
             f"cast the input to float32 or bfloat16."
         )
-    if x.shape.rank is None or x.shape.rank < 1:
+    if x.shape is None or len(x.shape) < 1:
         raise ValueError(
             f"Top-k needs an input of rank >= 1 with a known last dimension, "
             f"got shape {x.shape}."
@@ -264,10 +259,10 @@ def topk_indices(x, k, method="auto", recall_target=0.95):
       registered gradient, which fails on unknown (None) dimensions.
     """
     x, k = _check_operand(x, k)
-    x = tf.stop_gradient(x)
+    x = ops.stop_gradient(x)
     method = _index_method(method, recall_target)
     # Any sign of input: an exact test, off the layers' hot path.
-    nan_rows = tf.reduce_any(tf.math.is_nan(x), axis=-1, keepdims=True)
+    nan_rows = ops.any(ops.isnan(x), axis=-1, keepdims=True)
     return _select(x, k, method, recall_target, nan_rows)
 
 
@@ -288,8 +283,7 @@ def _nan_rows(activations):
     One row sum and no `[..., n]` temporary: a sum of entries that are
     >= 0 or +inf is NaN exactly when one of them is NaN (whatever the
     summation order), which `top_k`'s ranking of NaNs cannot tell."""
-    return tf.math.is_nan(
-        tf.reduce_sum(activations, axis=-1, keepdims=True))
+    return ops.isnan(ops.sum(activations, axis=-1, keepdims=True))
 
 
 def _select(x, k, method, recall_target, nan_rows):
@@ -297,19 +291,19 @@ def _select(x, k, method, recall_target, nan_rows):
     the rows flagged in `nan_rows` (`[..., 1]`) set to NaN values at
     indices `0..k-1`: `[..., k]`-sized selects only."""
     if method == "exact":
-        values, indices = tf.math.top_k(x, k, sorted=True)
+        values, indices = ops.top_k(x, k, sorted=True)
     elif on_tpu():
-        if x.dtype == tf.float64:
+        if keras.backend.standardize_dtype(x.dtype) == "float64":
             raise TypeError(
-                "tf.math.approx_max_k supports float16, bfloat16 and float32 "
-                "only: cast the float64 input to float32."
+                "approx_max_k supports float16, bfloat16 and float32 only: "
+                "cast the float64 input to float32."
             )
-        values, indices = tf.math.approx_max_k(
-            x, k, recall_target=recall_target)
+        values, indices = backend.approx_max_k(x, k, recall_target)
     else:
         values, indices = _binned_top_k(x, k, recall_target)
-    values = tf.where(nan_rows, tf.constant(math.nan, values.dtype), values)
-    indices = tf.where(nan_rows, tf.range(k, dtype=indices.dtype), indices)
+    values = ops.where(nan_rows, ops.cast(math.nan, values.dtype), values)
+    indices = ops.where(nan_rows, ops.arange(k, dtype=indices.dtype),
+                        indices)
     return values, indices
 
 
@@ -323,45 +317,59 @@ def _binned_top_k(x, k, recall_target):
     `1/e`).
     """
     n = x.shape[-1]
-    bins = approx_bin_count(n, k, recall_target, rank=x.shape.rank)
+    bins = approx_bin_count(n, k, recall_target, rank=len(x.shape))
     if bins >= n or bins < k:
-        return tf.math.top_k(x, k, sorted=True)
+        return ops.top_k(x, k, sorted=True)
     groups = _ceil_div(n, bins)
-    lead = tf.shape(x)[:-1]
-    rows = tf.reshape(x, [-1, n])
+    out_shape = (*leading_shape(x), k)
+    rows = ops.reshape(x, (-1, n))
     pad = groups * bins - n
     if pad:
         # -inf, so that a bin's argmax never lands on padding (ties go to
         # the lower, real index, even for a bin of -inf entries).
-        rows = tf.pad(rows, [[0, 0], [0, pad]], constant_values=-math.inf)
-    grid = tf.reshape(rows, [-1, groups, bins])
-    bin_max = tf.reduce_max(grid, axis=1)
-    bin_arg = tf.argmax(grid, axis=1, output_type=tf.int32)
-    values, top_bins = tf.math.top_k(bin_max, k, sorted=True)
-    group = tf.gather(bin_arg, top_bins, batch_dims=1)
+        rows = ops.pad(rows, [[0, 0], [0, pad]], constant_values=-math.inf)
+    grid = ops.reshape(rows, (-1, groups, bins))
+    # Each bin's maximum and its group, in one pass over the groups (a few:
+    # n / L): `keras.ops.argmax` would add four `[rows, n]` ops on
+    # TensorFlow (its -0.0 fix). Strictly greater: ties keep the lower
+    # group, so the lower index.
+    bin_max = grid[:, 0]
+    bin_arg = ops.zeros_like(bin_max, "int32")
+    for group in range(1, groups):
+        greater = grid[:, group] > bin_max
+        bin_max = ops.where(greater, grid[:, group], bin_max)
+        bin_arg = ops.where(greater, group, bin_arg)
+    values, top_bins = ops.top_k(bin_max, k, sorted=True)
+    group = ops.take_along_axis(bin_arg, top_bins, axis=1)
     indices = group * bins + top_bins
-    out_shape = tf.concat([lead, [k]], axis=0)
-    return tf.reshape(values, out_shape), tf.reshape(indices, out_shape)
+    return ops.reshape(values, out_shape), ops.reshape(indices, out_shape)
+
+
+def leading_shape(x):
+    """The shape of `x` but its last axis, for `reshape`: static sizes as
+    ints, one unknown size as -1, several as the runtime sizes."""
+    lead = tuple(x.shape[:-1])
+    if sum(size is None for size in lead) <= 1:
+        return tuple(-1 if size is None else size for size in lead)
+    return tuple(ops.shape(x)[:-1])
 
 
 def indices_to_mask(indices, n, dtype):
     """A `[..., n]` tensor of `dtype`: 1 at `indices` (`[..., k]`), else 0."""
-    return _scatter_rows(indices, tf.ones(tf.shape(indices), dtype), n)
+    return _scatter_rows(indices, ops.ones_like(indices, dtype), n)
 
 
 def _scatter_rows(indices, updates, n):
     """A `[..., n]` tensor: `updates` (`[..., k]`) at `indices`, else 0."""
     k = indices.shape[-1]
-    flat = tf.reshape(indices, [-1, k])
-    num_rows = tf.shape(flat)[0]
-    row_ids = tf.broadcast_to(tf.range(num_rows)[:, None], tf.shape(flat))
-    coords = tf.stack([row_ids, flat], axis=-1)
-    mask = tf.scatter_nd(
-        tf.reshape(coords, [-1, 2]),
-        tf.reshape(updates, [-1]),
-        tf.stack([num_rows, n]),
-    )
-    return tf.reshape(mask, tf.concat([tf.shape(indices)[:-1], [n]], axis=0))
+    flat = ops.reshape(indices, (-1, k))
+    num_rows = ops.shape(flat)[0]
+    row_ids = ops.broadcast_to(
+        ops.arange(num_rows, dtype=flat.dtype)[:, None], ops.shape(flat))
+    coords = ops.stack([row_ids, flat], axis=-1)
+    mask = ops.scatter(ops.reshape(coords, (-1, 2)),
+                       ops.reshape(updates, (-1,)), (num_rows, n))
+    return ops.reshape(mask, (*leading_shape(indices), n))
 
 
 def statistical_cutoff(x, k):
@@ -374,61 +382,47 @@ def statistical_cutoff(x, k):
     holding a NaN or an infinity (whose mean is not finite) gets a NaN
     cutoff: the module's NaN policy.
 
-    The mean square is one row-wise dot product (`einsum`), so that outside
-    XLA the moments read the row twice instead of three times and write
-    nothing: 2048 x 3072 train step, four side-by-side runs, 1.05-1.07x
-    dense with `E[(x - mean)²]`, 1.00-1.03x with `E[x²] - mean²`. Under XLA
-    the two-pass form fuses and measured 0.96-1.15x against 1.00-1.08x
-    (faster in 3 of 4 runs), so it is kept there. The one-pass variance
-    loses about `eps · mean² / variance` of relative precision: nothing for
+    Outside XLA the mean square is one row-wise dot product (`einsum`), so
+    that the moments read the row twice instead of three times; under XLA
+    the two-pass `E[(x - mean)²]` fuses and is kept (measured:
+    benchmarks/README.md, design measurements). The one-pass variance loses
+    about `eps · mean² / variance` of relative precision: nothing for
     pre-activations, whose mean is within a few standard deviations of 0.
 
     Returns:
       float32 `[..., 1]`, without gradient.
     """
     x, k = _check_operand(x, k)
-    x = tf.cast(tf.stop_gradient(x), tf.float32)
+    x = ops.cast(ops.stop_gradient(x), "float32")
     n = x.shape[-1]
-    mean = tf.reduce_mean(x, axis=-1, keepdims=True)
+    mean = ops.mean(x, axis=-1, keepdims=True)
     # Set on `[..., 1]` from the mean, whatever NaN does to max and sqrt.
-    not_finite = tf.logical_not(tf.math.is_finite(mean))
+    not_finite = ops.logical_not(ops.isfinite(mean))
+    nan = ops.cast(math.nan, "float32")
     if k == n:
-        return tf.where(not_finite, math.nan, -math.inf)
+        return ops.where(not_finite, nan, ops.full_like(mean, -math.inf))
     z = statistics.NormalDist().inv_cdf(1.0 - k / n)
-    if _compiled_by_xla():
-        variance = tf.reduce_mean(tf.math.squared_difference(x, mean),
-                                  axis=-1, keepdims=True)
+    if backend.compiled_by_xla():
+        variance = ops.mean(ops.square(x - mean), axis=-1, keepdims=True)
     else:
-        mean_square = tf.einsum("...i,...i->...", x, x)[..., None] / n
-        variance = tf.maximum(mean_square - tf.square(mean), 0.0)
-    return tf.where(not_finite, math.nan, mean + z * tf.sqrt(variance))
-
-
-def _compiled_by_xla():
-    """Whether the graph being built will be compiled by XLA
-    (`jit_compile=True`, TPU): the private test TensorFlow's own
-    `tf.function` uses; False where it is missing."""
-    try:
-        from tensorflow.python.framework import ops as framework_ops
-        from tensorflow.python.ops import control_flow_util
-    except ImportError:  # pragma: no cover - a TensorFlow without them
-        return False
-    return control_flow_util.GraphOrParentsInXlaContext(
-        framework_ops.get_default_graph())
+        mean_square = ops.einsum("...i,...i->...", x, x)[..., None] / n
+        variance = ops.maximum(mean_square - ops.square(mean), 0.0)
+    return ops.where(not_finite, nan, mean + z * ops.sqrt(variance))
 
 
 def _above_cutoff(x, k):
     """`(kept, nan_rows)`: ReLU, then zero what is not above the statistical
     cutoff; rows whose cutoff is NaN (`nan_rows`, `[..., 1]`) all NaN."""
     cutoff = statistical_cutoff(x, k)
-    nan_rows = tf.math.is_nan(cutoff)
+    nan_rows = ops.isnan(cutoff)
     # Compared in float32: a bfloat16 cutoff would shift the kept count.
-    threshold = tf.where(nan_rows, math.inf, tf.maximum(cutoff, 0.0))
+    threshold = ops.where(nan_rows, ops.cast(math.inf, "float32"),
+                          ops.maximum(cutoff, 0.0))
     # 0 or NaN per row, added to the 0/1 mask: one `[..., n]` add outside
     # XLA (a broadcasting select measured slower), fused under XLA.
-    fill = tf.where(nan_rows, tf.constant(math.nan, x.dtype),
-                    tf.zeros([], x.dtype))
-    mask = tf.cast(tf.cast(x, tf.float32) > threshold, x.dtype) + fill
+    fill = ops.where(nan_rows, ops.cast(math.nan, x.dtype),
+                     ops.cast(0.0, x.dtype))
+    mask = ops.cast(ops.cast(x, "float32") > threshold, x.dtype) + fill
     return x * mask, nan_rows
 
 
@@ -452,20 +446,21 @@ def topk_mask(x, k, method="auto", recall_target=0.95):
       A tensor like `x`: `relu(x)` with all but the selected entries zeroed.
 
     Example:
-    >>> topk_mask(tf.constant([[3.0, -1.0, 2.0, 5.0]]), k=2).numpy()
+    >>> keras.ops.convert_to_numpy(
+    ...     topk_mask(np.array([[3.0, -1.0, 2.0, 5.0]], "float32"), k=2))
     array([[3., 0., 0., 5.]], dtype=float32)
     """
     x, k = _check_operand(x, k)
     if resolve_method(method) == "statistical":
         return _above_cutoff(x, k)[0]
     method = _index_method(method, recall_target)
-    activations = tf.nn.relu(x)
-    selected = tf.stop_gradient(activations)
+    activations = ops.relu(x)
+    selected = ops.stop_gradient(activations)
     nan_rows = _nan_rows(selected)
     _, indices = _select(selected, k, method, recall_target, nan_rows)
     # 1 at the kept entries; NaN there in NaN rows (k updates, not n).
-    updates = tf.where(nan_rows, tf.constant(math.nan, x.dtype),
-                       tf.ones(tf.shape(indices), x.dtype))
+    updates = ops.where(nan_rows, ops.cast(math.nan, x.dtype),
+                        ops.ones_like(indices, x.dtype))
     return activations * _scatter_rows(indices, updates, x.shape[-1])
 
 
@@ -482,16 +477,16 @@ def topk_activations(x, k, method="auto", recall_target=0.95):
     if resolve_method(method) == "statistical":
         activations, nan_rows = _above_cutoff(x, k)
         method = "exact"
-        selected = tf.stop_gradient(activations)
+        selected = ops.stop_gradient(activations)
     else:
         method = _index_method(method, recall_target)
-        activations = tf.nn.relu(x)
-        selected = tf.stop_gradient(activations)
+        activations = ops.relu(x)
+        selected = ops.stop_gradient(activations)
         nan_rows = _nan_rows(selected)
     _, indices = _select(selected, k, method, recall_target, nan_rows)
-    values = tf.gather(activations, indices, batch_dims=-1)
-    return tf.where(nan_rows, tf.constant(math.nan, values.dtype),
-                    values), indices
+    values = ops.take_along_axis(activations, indices, axis=-1)
+    return ops.where(nan_rows, ops.cast(math.nan, values.dtype),
+                     values), indices
 
 
 def sparse_mlp_product(values, indices, kernel):
@@ -509,8 +504,8 @@ def sparse_mlp_product(values, indices, kernel):
     Returns:
       float `[..., d]`.
     """
-    rows = tf.gather(kernel, indices)  # [..., k, d]
-    return tf.squeeze(tf.matmul(values[..., None, :], rows), axis=-2)
+    rows = ops.take(kernel, indices, axis=0)  # [..., k, d]
+    return ops.squeeze(ops.matmul(values[..., None, :], rows), axis=-2)
 
 
 def project(x, kernel, bias=None):
@@ -519,9 +514,7 @@ def project(x, kernel, bias=None):
     Flattening first keeps the backward pass a plain matmul (an `einsum` over
     `...f,fd->...d` was seen here to build a [f, d, tokens] gradient).
     """
-    out_dim = kernel.shape[-1]
-    y = tf.matmul(tf.reshape(x, [-1, x.shape[-1]]), kernel)
+    y = ops.matmul(ops.reshape(x, (-1, x.shape[-1])), kernel)
     if bias is not None:
         y = y + bias
-    y = tf.reshape(y, tf.concat([tf.shape(x)[:-1], [out_dim]], axis=0))
-    return tf.ensure_shape(y, x.shape[:-1].concatenate([out_dim]))
+    return ops.reshape(y, (*leading_shape(x), kernel.shape[-1]))

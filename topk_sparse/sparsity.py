@@ -46,7 +46,7 @@ class NonzeroFraction(keras.metrics.Metric):
     def __init__(self, mlp_dim, name="nonzero_fraction", **kwargs):
         super().__init__(name=name, **kwargs)
         self.mlp_dim = mlp_dim
-        # Replicas' counts add up under tf.distribute.
+        # Replicas' counts add up under a distribution strategy.
         self.nonzero_count = self.add_variable(
             shape=(), initializer="zeros", name="nonzero_count",
             aggregation="sum")
@@ -123,7 +123,7 @@ class TopKRecall(keras.metrics.Metric):
     target of `"approx"` holds in expectation over bin assignments, and a
     given layer can fall short of it (hot neurons sharing a bin). Positive
     entries of the exact top-k count; ties go to the lower index, as in
-    `tf.math.top_k`. Only the first `sample_tokens` tokens of each call are
+    `top_k`. Only the first `sample_tokens` tokens of each call are
     checked, so the exact top-k it computes costs little. Tokens whose
     pre-activations hold a NaN are skipped (no relevant entries), as in
     `NonzeroFraction`.
