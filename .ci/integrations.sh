@@ -17,7 +17,8 @@ install() {  # name: makes build/venv-$name with the extra of that name
     local venv="build/venv-$1"
     python3 -m venv --clear "$venv"
     "$venv/bin/pip" install -q --upgrade pip
-    "$venv/bin/pip" install -q -e ".[$1]" "pytest>=8"
+    # pytest-xdist: pytest.ini's --dist option (the test extra's).
+    "$venv/bin/pip" install -q -e ".[$1]" "pytest>=8" "pytest-xdist>=3.5"
 }
 
 check_one_tensorflow() {  # name
