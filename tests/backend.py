@@ -18,6 +18,7 @@ MODES = ("eager", "function", "jit")
 """How a function runs: eagerly, traced (`tf.function`; `jax.jit`) or
 compiled by XLA (`tf.function(jit_compile=True)`; `jax.jit`)."""
 
+
 def _has_float64():
     if BACKEND != "jax":
         return True
@@ -100,10 +101,13 @@ def value_and_grad(f):
     if BACKEND == "jax":
         import jax
 
+        def loss_and_outputs(x):
+            out = f(x)
+            return out[0], out
+
         def run(x):
             (_, out), grad = jax.value_and_grad(
-                lambda x: (lambda out: (out[0], out))(f(x)),
-                has_aux=True)(x)
+                loss_and_outputs, has_aux=True)(x)
             return out, grad
         return run
     import tensorflow as tf

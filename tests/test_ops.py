@@ -342,6 +342,9 @@ def test_bad_inputs():
         with pytest.raises(ValueError, match="last axis"):
             tf.function(lambda x: ops.topk_mask(x, 2)).get_concrete_function(
                 tf.TensorSpec([2, None]))
+        with pytest.raises(ValueError, match="rank >= 1"):
+            tf.function(lambda x: ops.topk_mask(x, 2)).get_concrete_function(
+                tf.TensorSpec(None))
 
 
 def reference_statistical(x, k):
