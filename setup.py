@@ -1,4 +1,4 @@
-"""topk_sparse: Top-k sparse Transformer MLPs for TensorFlow / Keras 3."""
+"""topk_sparse: Top-k sparse Transformer MLPs for Keras 3 (TensorFlow, JAX)."""
 
 from setuptools import find_packages, setup
 
@@ -16,7 +16,7 @@ setup(
     name="topk_sparse",
     version="0.1.0",
     description="Top-k sparse Transformer MLPs (The Lazy Neuron Phenomenon) "
-                "for TensorFlow / Keras 3, TPU-first.",
+                "for Keras 3 on TensorFlow and JAX, TPU-first.",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     # configs/ (the trainers' --config files) installs as topk_sparse.configs,
@@ -44,6 +44,10 @@ setup(
     ],
     extras_require={
         **TENSORFLOW,
+        # The JAX backend (KERAS_BACKEND=jax): layers, metrics, models,
+        # fit, generate and saving without TensorFlow. On a TPU VM or a
+        # GPU, install JAX's own build for it (jax[tpu], jax[cuda12]).
+        "jax": ["jax>=0.4.30"],
         # Pillow (and scipy): references the corruption tests compare with.
         # pytest-xdist: the README's test command runs the suite on every
         # core (notebook kernels and subprocess trainings side by side).

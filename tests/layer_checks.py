@@ -15,6 +15,7 @@ import keras
 import numpy as np
 
 from tests import backend
+from topk_sparse.sparsity import metric_state
 
 _BATCH = 4
 
@@ -84,7 +85,9 @@ def check_layer(layer_cls, init_kwargs, input_shape, expected_output_shape,
     batch = (len(x),) if batched_output else ()
     assert eager.shape == (*batch, *expected_output_shape)
     assert len(layer.trainable_weights) == expected_num_trainable_weights
-    assert not layer.non_trainable_weights
+    # Non-trainable: only the counts of the layer's metrics.
+    assert {id(w) for w in layer.non_trainable_weights} <= {
+        id(v) for v in metric_state(layer)}
     # Traced and XLA-compiled calls give the eager result.
     for mode in ("function", "jit"):
         traced = backend.numpy(backend.compiled_call(layer, mode)(x))

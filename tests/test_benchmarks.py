@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from topk_sparse.configs import vit_digits
@@ -102,3 +103,25 @@ def test_vit_train(tmp_path):
         ("tf.function", "dense relu"), ("tf.function", "top-8 statistical"),
         ("jit_compile", "dense relu"), ("jit_compile", "top-8 statistical")]
     assert all(r["images_per_s"] > 0 for r in rows)
+
+
+@pytest.mark.slow
+def test_decode_benchmark_on_tiny_shapes(tmp_path):
+    out = tmp_path / "decode.json"
+    _run(["benchmarks/decode.py", "--variants", "tiny", "--vocab_size=64",
+          "--k=8", "--rank=8", "--candidates=16", "--source_length=6",
+          "--max_length=3", "--batches", "1", "--modes", "tf.function",
+          "--repeats=1", "--calibration_batches=2", f"--json={out}"])
+    result = json.loads(out.read_text())
+    cases = ("dense", "top-8 masked", "top-8 default", "top-8 two-stage")
+    assert [(r["batch"], r["case"]) for r in result["rows"]] == [
+        (1, case) for case in cases]
+    [probe] = result["probes"]
+    assert probe["variant"] == "tiny" and probe["weights_mb"] > 0
+    assert 0 < probe["two_stage_recall"] <= 1
+    for row in result["rows"]:
+        assert row["variant"] == "tiny" and row["mode"] == "tf.function"
+        assert row["tokens_per_s"] > 0 and row["encode_ms"] > 0
+        assert row["probe_ms"] > 0 and np.isfinite(row["step_over_probe"])
+        if row["case"] == "dense":
+            assert row["throughput_ratio"] == 1.0

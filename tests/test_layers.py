@@ -13,6 +13,7 @@ import topk_sparse
 from tests import backend
 from tests.backend import numpy
 from topk_sparse import SparseMLP, TopKActivation, ops
+from topk_sparse.sparsity import metric_state
 from tests.test_ops import reference_topk_mask
 
 
@@ -29,12 +30,12 @@ def test_compiled_calls_give_the_eager_outputs_and_metrics(layer, mode,
     layer = layer.__class__.from_config(layer.get_config())  # a fresh one
     x = np.random.default_rng(5).normal(size=(4, 5, 16)).astype("float32")
     eager = numpy(layer(x))
-    counts = [numpy(v) for v in layer.metrics_variables]
+    counts = [numpy(v) for v in metric_state(layer)]
     assert counts and any(c.any() for c in counts)
     compiled = numpy(backend.compiled_call(layer, mode)(x))
     np.testing.assert_allclose(compiled, eager, rtol=1e-5, atol=1e-5)
     # The compiled call updated the metrics as a second eager call would.
-    for variable, count in zip(layer.metrics_variables, counts):
+    for variable, count in zip(metric_state(layer), counts):
         np.testing.assert_allclose(numpy(variable), 2 * count, rtol=1e-6)
     # A .keras file reloads the layer with its weights and outputs.
     inputs = keras.Input((5, 16))
@@ -93,9 +94,10 @@ def test_masked_and_gather_paths_agree():
     grads = []
     for layer in (masked, gather):
         weights = [v.value for v in layer.trainable_variables]
+        state = [v.value for v in layer.non_trainable_variables]
 
-        def loss(weights, layer=layer):
-            out, _ = layer.stateless_call(weights, [], x)
+        def loss(weights, layer=layer, state=state):
+            out, _ = layer.stateless_call(weights, state, x)
             return keras.ops.sum(out ** 2),
 
         grads.append([numpy(g) for g in

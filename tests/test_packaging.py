@@ -1,4 +1,5 @@
-"""The package as pip installs it, and the README's two commands.
+"""The package as pip installs it, and the README's two commands; and
+`import topk_sparse` on JAX without TensorFlow.
 
 A wheel is what `pip install "topk_sparse @ git+..."` installs: it must
 carry the library and the trainers' configs (as `topk_sparse.configs`,
@@ -6,6 +7,7 @@ which notebooks import without a checkout).
 """
 
 import importlib.util
+import os
 import pathlib
 import subprocess
 import sys
@@ -62,3 +64,32 @@ def test_every_pip_builds_the_same_editable_install():
     build = tomllib.loads((ROOT / "pyproject.toml").read_text())
     assert build["build-system"]["build-backend"] == "setuptools.build_meta"
     assert build["build-system"]["requires"] == ["setuptools>=64"]
+
+
+_WITHOUT_TENSORFLOW = """
+import sys
+sys.modules["tensorflow"] = None  # `import tensorflow` raises, as uninstalled
+import keras, numpy as np, pytest, topk_sparse
+assert keras.config.backend() == "jax"
+vit = topk_sparse.models.ViT("micro", image_size=16, num_classes=4, k=8)
+vit.compile("adam", keras.losses.SparseCategoricalCrossentropy(
+    from_logits=True))
+x = np.random.default_rng(0).normal(size=(8, 16, 16, 3)).astype("float32")
+history = vit.fit(x, np.arange(8) % 4, batch_size=4, epochs=1, verbose=0)
+assert 0 < history.history["encoder_block_0_mlp/nonzero_fraction"][0] <= 1
+t5 = topk_sparse.models.T5("tiny", vocab_size=20, k=16)
+topk_sparse.scoring.calibrate(vit, [x], rank=8, candidates=16)
+assert t5.generate(np.ones((2, 4), "int32"), 3).shape == (2, 3)
+vit.save(sys.argv[1])
+keras.saving.load_model(sys.argv[1])
+with pytest.raises(ImportError, match="SparsityCallback needs TensorFlow"):
+    topk_sparse.SparsityCallback
+"""
+
+
+def test_jax_alone_runs_layers_models_fit_generate_and_saving(tmp_path):
+    """`import topk_sparse` on JAX where TensorFlow cannot be imported: the
+    models train, decode, save and load; what needs TensorFlow says so."""
+    subprocess.run([sys.executable, "-c", _WITHOUT_TENSORFLOW,
+                    str(tmp_path / "vit.keras")], check=True, timeout=300,
+                   env={**os.environ, "KERAS_BACKEND": "jax"})

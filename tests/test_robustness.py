@@ -14,6 +14,7 @@ from PIL import Image
 from tests.events import read_scalars
 from tests.mock_tfds import mocked_tfds
 from topk_sparse import SparseMLP, robustness
+from topk_sparse.sparsity import metric_state
 from topk_sparse.data import corruptions
 from topk_sparse.data.corruptions import CORRUPTIONS, corrupt
 
@@ -257,11 +258,11 @@ def test_default_evaluation_covers_everything_and_keeps_sparsity_state():
         keras.layers.Dense(3)])
     x = _images((6, 8, 8, 1))
     model(x)  # some sparsity statistics of "training"
-    before = [v.numpy() for v in model.metrics_variables]
+    before = [v.numpy() for v in metric_state(model)]
     dataset = tf.data.Dataset.from_tensor_slices(
         (x, np.arange(6) % 3)).batch(4)
     result = robustness.evaluate_corruptions(model, dataset)
-    for variable, value in zip(model.metrics_variables, before):
+    for variable, value in zip(metric_state(model), before):
         np.testing.assert_array_equal(variable.numpy(), value)
     assert set(result) == {"clean", "corruptions", "mean"}
     assert list(result["corruptions"]) == list(CORRUPTIONS)

@@ -48,7 +48,7 @@ import numpy as np
 from tensorboard.plugins.histogram import metadata as histogram_metadata
 import tensorflow as tf
 
-from topk_sparse import checks
+from topk_sparse import checks, sparsity
 from topk_sparse.calibration import (BrierScore, ExpectedCalibrationError,
                                      NegativeLogLikelihood,
                                      reliability_diagram_image)
@@ -429,8 +429,7 @@ class CalibrationCallback(_SummaryCallback):
             ]
         # The model's metrics, its layers' sparsity included (compiled ones
         # are not updated by this pass; restoring them is a no-op).
-        layer_variables = list({
-            id(v): v for v in model.metrics_variables}.values())
+        layer_variables = sparsity.metric_state(model)
         metrics = self._metrics
 
         def replica_step(batch):

@@ -1,4 +1,9 @@
-"""Evaluations a training run can add, and the metrics of each kind of model.
+"""The trainer's models, the evaluations a run can add, and their metrics.
+
+`"vit"` and `"t5"` are registered here with the trainer
+(`topk_sparse.registry`): how each is built from its data, its `compile`
+metrics and the evaluators that apply to it. The models themselves
+(`topk_sparse.models`) depend on the layers only.
 
 Each evaluator is registered by name (`topk_sparse.registry`); a model lists
 the ones that apply to it, and `training.train` runs those the config asks
@@ -29,6 +34,7 @@ from topk_sparse import calibration, callbacks, checks, registry, robustness
 from topk_sparse import scoring
 from topk_sparse.data import corruptions as corruptions_lib
 from topk_sparse.layers import GATHER_MAX_SHARE
+from topk_sparse.models import T5, ViT
 
 # Bins of the expected calibration error, as in the paper's Table 1 (15, the
 # common default: the paper does not publish its count).
@@ -192,3 +198,21 @@ registry.register_evaluator(
            else f"on no call: candidates exceed {GATHER_MAX_SHARE} of "
                 f"mlp_dim, lower them")
         for r in [report.get("two_stage")] if r])
+
+
+def _build_vit(kwargs, data):
+    """A ViT sized by its data: `(images, labels)` batches."""
+    _, height, _, channels = data.element_spec[0].shape
+    return ViT(**kwargs, image_size=height, channels=channels,
+               num_classes=data.features["num_classes"])
+
+
+registry.register_model(
+    "vit", build=_build_vit, metrics=classifier_metrics,
+    evaluators=("calibration", "corruptions", "cifar10_corrupted",
+                "two_stage"))
+registry.register_model(
+    "t5", metrics=token_metrics,
+    build=lambda kwargs, data: T5(
+        **kwargs, vocab_size=data.features["vocab_size"]),
+    evaluators=("exact_match", "two_stage"))

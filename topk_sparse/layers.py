@@ -34,7 +34,8 @@ inference).
 def _sparsity_metric(layer, mlp_dim):
     if not layer.track_sparsity:
         return None
-    return NonzeroFraction(mlp_dim, name=f"{layer.name}/nonzero_fraction")
+    return NonzeroFraction(mlp_dim, name=f"{layer.name}/nonzero_fraction",
+                           owner=layer)
 
 
 def _recall_metric(layer):
@@ -42,7 +43,8 @@ def _recall_metric(layer):
     if not layer.track_sparsity or layer.k is None or ops.resolve_method(
             layer.method) not in ("approx", "statistical"):
         return None
-    return TopKRecall(layer.k, name=f"{layer.name}/topk_recall")
+    return TopKRecall(layer.k, name=f"{layer.name}/topk_recall",
+                      owner=layer)
 
 
 def _check_floating(x, layer):
@@ -83,7 +85,8 @@ class TopKActivation(keras.layers.Layer):
 
     Example:
     >>> layer = TopKActivation(k=2)
-    >>> layer(np.array([[3.0, -1.0, 2.0, 5.0]], "float32")).numpy()
+    >>> keras.ops.convert_to_numpy(
+    ...     layer(np.array([[3.0, -1.0, 2.0, 5.0]], "float32")))
     array([[3., 0., 0., 5.]], dtype=float32)
 
     References:
@@ -170,7 +173,7 @@ class SparseMLP(keras.layers.Layer):
 
     Example:
     >>> mlp = SparseMLP(mlp_dim=16, k=4)
-    >>> mlp(np.ones((2, 3, 8), "float32")).shape
+    >>> tuple(mlp(np.ones((2, 3, 8), "float32")).shape)
     (2, 3, 8)
 
     References:

@@ -6,14 +6,15 @@ where it is defined:
 
 - a model (`register_model`): how it is built from `config.model` and the
   data, its loss, its `compile` metrics and the evaluators that apply to it
-  (topk_sparse/models/vit.py and t5.py register `"vit"` and `"t5"`);
+  (topk_sparse/evaluation.py registers `"vit"` and `"t5"`);
 - a dataset (`register_dataset`): its loader and what a model needs to know
   of it, such as `num_classes` or `vocab_size` (topk_sparse/data/);
 - an evaluator (`register_evaluator`): when a config asks for it, what it
   checks before training, the callbacks it adds to `fit` and the report
   entries it measures after (topk_sparse/evaluation.py).
 
-Adding a model means one file that ends with `register_model(...)`:
+Adding a model means one `register_model(...)` call, imported before
+training:
 
     registry.register_model(
         "my_model", build=lambda kwargs, data: MyModel(**kwargs, ...),

@@ -33,12 +33,13 @@ Everything about it lives here; the layer only has a slot: a
 
 import contextlib
 
-
+import keras
 import numpy as np
-import tensorflow as tf
 
-from topk_sparse import checks, ops
+from topk_sparse import backend, checks, ops
 from topk_sparse.sparsity import TopKRecall, metrics_restored
+
+kops = keras.ops
 
 
 def low_rank_factors(kernel, inputs, rank):
@@ -48,7 +49,8 @@ def low_rank_factors(kernel, inputs, rank):
 
     With the input second moment `C = inputsᵀ inputs / N`, the right
     singular vectors `Q` of `C^½ · kernel` span the best rank-`rank` score
-    subspace; `factor = kernel Q` and `basis = Qᵀ`. Computed in float64.
+    subspace; `factor = kernel Q` and `basis = Qᵀ`. Computed in float64
+    (float32 on JAX without x64).
 
     Args:
       kernel: `[d, n]` array, the first MLP kernel.
@@ -63,14 +65,15 @@ def low_rank_factors(kernel, inputs, rank):
         raise ValueError(
             f"{len(inputs)} calibration tokens cannot fit a rank-{rank} "
             f"scorer: pass at least {rank} (thousands give a stable fit).")
-    # TensorFlow's solvers, not numpy's: beside TensorFlow's thread pool,
+    # The backend's solvers, not numpy's: beside TensorFlow's thread pool,
     # numpy's multi-threaded BLAS was seen here to take 3-7 s instead of
     # 0.3 s for one 512 x 2048 kernel (2 cores).
-    eigenvalues, eigenvectors = tf.linalg.eigh(
-        tf.constant(inputs.T @ inputs / len(inputs)))
-    root = eigenvectors * tf.sqrt(tf.maximum(eigenvalues, 0.0))
-    _, _, right = tf.linalg.svd(tf.matmul(root, kernel, transpose_a=True))
-    basis = tf.transpose(right[:, :rank]).numpy()
+    eigenvalues, eigenvectors = kops.eigh(inputs.T @ inputs / len(inputs))
+    root = eigenvectors * kops.sqrt(kops.maximum(eigenvalues, 0.0))
+    _, _, right = kops.svd(
+        kops.matmul(kops.transpose(root), kops.cast(kernel, root.dtype)),
+        full_matrices=False)
+    basis = np.asarray(kops.convert_to_numpy(right[:rank]), np.float64)
     return ((kernel @ basis.T).astype(np.float32), basis.astype(np.float32))
 
 
@@ -97,32 +100,33 @@ def two_stage_topk(x, k, candidates, factor, basis, kernel_rows, bias=None):
       `(values, indices)`, `[tokens, k]`: values after ReLU (differentiable
       with respect to `x` and `kernel_rows`), indices int32 into `n`.
     """
-    scores = tf.matmul(tf.matmul(x, factor), basis)
+    scores = kops.matmul(kops.matmul(x, factor), basis)
     if bias is not None:
         scores = scores + bias
-    _, chosen = tf.math.top_k(tf.stop_gradient(scores), candidates)
-    rows = tf.gather(kernel_rows, chosen)  # [tokens, candidates, d]
-    exact = tf.squeeze(tf.matmul(rows, x[..., None]), -1)
+    _, chosen = kops.top_k(kops.stop_gradient(scores), candidates)
+    rows = kops.take(kernel_rows, chosen, axis=0)  # [tokens, candidates, d]
+    exact = kops.squeeze(kops.matmul(rows, x[..., None]), -1)
     if bias is not None:
-        exact = exact + tf.gather(bias, chosen)
-    _, best = tf.math.top_k(tf.stop_gradient(exact), k)
-    values = tf.gather(exact, best, batch_dims=1)
-    return tf.nn.relu(values), tf.gather(chosen, best, batch_dims=1)
+        exact = exact + kops.take(bias, chosen, axis=0)
+    _, best = kops.top_k(kops.stop_gradient(exact), k)
+    values = kops.take_along_axis(exact, best, axis=1)
+    return (kops.relu(values),
+            kops.cast(kops.take_along_axis(chosen, best, axis=1), "int32"))
 
 
-class TwoStageScorer(tf.Module):
+class TwoStageScorer:
     """Inference-time state of a `SparseMLP`'s two-stage scoring: the
-    factors and a frozen copy of `W1ᵀ`. Made by `calibrate_mlp`; not part of the layer's Keras weights (it
-    is rebuilt from the inputs, in seconds, after loading a model)."""
+    factors and a frozen copy of `W1ᵀ`. Made by `calibrate_mlp`; not part
+    of the layer's Keras weights (it is rebuilt from the inputs, in
+    seconds, after loading a model)."""
 
     def __init__(self, kernel, inputs, rank, candidates, dtype="float32"):
-        super().__init__(name="two_stage_scorer")
         factor, basis = low_rank_factors(kernel, inputs, rank)
         self.rank, self.candidates = rank, candidates
 
         def frozen(value, name):
-            return tf.Variable(tf.cast(value, dtype), trainable=False,
-                               name=name)
+            return keras.Variable(value, dtype=dtype, trainable=False,
+                                  name=name)
 
         self.factor = frozen(factor, "factor")
         self.basis = frozen(basis, "basis")
@@ -146,12 +150,12 @@ class TwoStageScorer(tf.Module):
         if not (mlp.gathers(inputs) and
                 mlp.reads_few_rows(inputs, self.candidates)):
             return None
-        flat = tf.reshape(inputs, [-1, inputs.shape[-1]])
+        flat = kops.reshape(inputs, (-1, inputs.shape[-1]))
         # No recall metric here: it would read all of W1 (measure_two_stage
         # measures it apart).
         values, indices = self.topk(flat, mlp.k, mlp.intermediate_bias)
-        shape = tf.concat([tf.shape(inputs)[:-1], [mlp.k]], 0)
-        return tf.reshape(values, shape), tf.reshape(indices, shape)
+        shape = (*kops.shape(inputs)[:-1], mlp.k)
+        return kops.reshape(values, shape), kops.reshape(indices, shape)
 
 
 class _Recorder:
@@ -161,12 +165,13 @@ class _Recorder:
         self.append = append
 
     def __call__(self, mlp, inputs, training=None):
-        if not tf.executing_eagerly():
+        flat = backend.static_value(inputs)
+        if flat is None:
             raise RuntimeError(
                 f"recording_inputs needs eager calls (model(x)), but "
                 f"SparseMLP {mlp.name!r} is being traced (predict, "
-                f"tf.function).")
-        self.append(tf.reshape(inputs, [-1, inputs.shape[-1]]))
+                f"tf.function, jax.jit).")
+        self.append(flat.reshape(-1, inputs.shape[-1]))
         return None
 
 
@@ -189,8 +194,8 @@ def recording_inputs(mlps):
     ...                                num_classes=10, k=8)
     >>> with recording_inputs(model.sparse_mlps()) as records:
     ...     _ = model(np.zeros((2, 16, 16, 3), "float32"))
-    >>> records["encoder/block_0/mlp"][0].shape
-    TensorShape([34, 32])
+    >>> tuple(records["encoder_block_0_mlp"][0].shape)
+    (34, 32)
     """
     records = {name: [] for name in mlps}
     saved = {name: mlp.scorer for name, mlp in mlps.items()}
@@ -258,14 +263,14 @@ def measure_two_stage(mlp, inputs, chunk=256):
     if not isinstance(scorer, TwoStageScorer):
         raise ValueError(f"SparseMLP {mlp.name!r} has no two-stage scorer: "
                          f"call calibrate_mlp first.")
-    tokens = tf.reshape(tf.cast(inputs, mlp.compute_dtype),
-                        [-1, scorer.kernel_rows.shape[-1]])
-    output_kernel = tf.cast(mlp.output_kernel, tokens.dtype)
+    tokens = kops.reshape(kops.cast(inputs, mlp.compute_dtype),
+                          (-1, scorer.kernel_rows.shape[-1]))
+    output_kernel = kops.cast(mlp.output_kernel, tokens.dtype)
     bias = mlp.intermediate_bias
-    bias = None if bias is None else tf.cast(bias, tokens.dtype)
+    bias = None if bias is None else kops.cast(bias, tokens.dtype)
 
     def output(values, indices):
-        return tf.math.l2_normalize(
+        return kops.normalize(
             ops.sparse_mlp_product(values, indices, output_kernel), -1)
 
     recall = TopKRecall(mlp.k, sample_tokens=chunk)
@@ -276,8 +281,8 @@ def measure_two_stage(mlp, inputs, chunk=256):
         exact = ops.topk_activations(hidden, mlp.k, "exact")
         two_stage = scorer.topk(x, mlp.k, bias)
         recall.update_from_topk(hidden, *two_stage)
-        cosines.append(tf.reduce_sum(output(*exact) * output(*two_stage),
-                                     -1).numpy())
+        cosines.append(kops.convert_to_numpy(kops.sum(
+            output(*exact) * output(*two_stage), -1)))
     return {"recall": float(recall.result()),
             "cosine": float(np.mean(np.concatenate(cosines)))}
 
@@ -308,7 +313,8 @@ def calibrate(model, batches, rank, candidates=None, held_out=None):
         with metrics_restored(model), recording_inputs(mlps) as records:
             for batch in inputs:
                 model(batch, training=False)
-        return {name: tf.concat(parts, 0) for name, parts in records.items()}
+        return {name: np.concatenate(parts) for name, parts in
+                records.items()}
 
     calibration = record(batches)
     measured = calibration if held_out is None else record(held_out)

@@ -10,6 +10,16 @@ one, so Keras puts `<layer>/nonzero_fraction` into `model.fit` logs and
 History, and callbacks read the layers' metrics instead of re-running the
 model. Layers with an approximate method (`"approx"`, `"statistical"`) also
 own a `TopKRecall`, `<layer>/topk_recall`.
+
+A layer's metrics keep their counts in the layer, as non-trainable weights
+(`owner=layer`): a call updates layer state, which every backend carries
+through a compiled step (on JAX, Keras passes a model's non-trainable
+variables in and out of `stateless_call`, but not its metrics' variables:
+keras-team/keras#21639). So the counts are right on both backends in
+`fit`, `evaluate`, `predict`, `generate` and any stateless loop; only
+inside JAX's compiled train and test steps, where the layer state is not
+passed to the metrics, does `result()` read NaN (the per-batch progress
+bar); the epoch's logs and History are read after the step, exactly.
 """
 
 import contextlib
@@ -18,9 +28,56 @@ import keras
 from keras import ops
 import numpy as np
 
+from topk_sparse import backend
+
+
+class _Counts(keras.metrics.Metric):
+    """A metric of float32 counts, summed over replicas: `counters` maps
+    each count's attribute name to its shape. Kept in the metric, or with
+    `owner` in that layer as non-trainable weights (see the module
+    docstring)."""
+
+    def __init__(self, counters, owner=None, **kwargs):
+        super().__init__(**kwargs)
+        self._in_layer = owner is not None
+        self.counters = [self._counter(name, shape, owner)
+                         for name, shape in counters.items()]
+        for name, counter in zip(counters, self.counters):
+            setattr(self, name, counter)
+
+    def _counter(self, name, shape, owner):
+        if owner is None:
+            return self.add_variable(shape=shape, initializer="zeros",
+                                     name=name, aggregation="sum")
+        # As a metric's variable: summed over replicas when read, each
+        # replica counting into its own copy (`assign_add` on a layer
+        # weight's default synchronization sums the replicas' new values
+        # instead: counts double with two replicas).
+        with keras.name_scope(owner.name, caller=owner):
+            counter = keras.Variable(
+                initializer="zeros", shape=shape, dtype=self.dtype,
+                trainable=False, autocast=False, aggregation="sum",
+                synchronization="on_read",
+                name=f"{self.name.rpartition('/')[2]}_{name}")
+        owner._track_variable(counter)  # what Layer.add_weight does
+        return counter
+
+    @property
+    def variables(self):
+        """The metric's own variables: none when its layer keeps the
+        counts (Keras would otherwise pass them to the step twice)."""
+        return [] if self._in_layer else super().variables
+
+    def _readable(self):
+        return all(backend.has_value(v) for v in self.counters)
+
+    def reset_state(self):
+        for counter in self.counters:
+            counter.assign(ops.zeros(counter.shape, counter.dtype))
+
 
 @keras.saving.register_keras_serializable(package="topk_sparse")
-class NonzeroFraction(keras.metrics.Metric):
+class NonzeroFraction(_Counts):
     """Running nonzero fraction of a layer's hidden activations.
 
     NaN tokens are skipped: a token whose activations hold a NaN (under
@@ -35,6 +92,8 @@ class NonzeroFraction(keras.metrics.Metric):
     Args:
       mlp_dim: int. Size of the hidden dimension.
       name: str. Metric name (the key in `fit` logs).
+      owner: None, or the layer that keeps the counts (see the module
+        docstring).
 
     Example:
     >>> m = NonzeroFraction(mlp_dim=4)
@@ -43,23 +102,16 @@ class NonzeroFraction(keras.metrics.Metric):
     0.5
     """
 
-    def __init__(self, mlp_dim, name="nonzero_fraction", **kwargs):
-        super().__init__(name=name, **kwargs)
+    def __init__(self, mlp_dim, name="nonzero_fraction", owner=None,
+                 **kwargs):
+        # tokens_by_nonzero_count[c]: tokens with exactly c nonzero
+        # activations, c in [0, mlp_dim].
+        super().__init__(
+            {"nonzero_count": (), "token_count": (),
+             "neuron_fire_count": (mlp_dim,),
+             "tokens_by_nonzero_count": (mlp_dim + 1,)},
+            name=name, owner=owner, **kwargs)
         self.mlp_dim = mlp_dim
-        # Replicas' counts add up under a distribution strategy.
-        self.nonzero_count = self.add_variable(
-            shape=(), initializer="zeros", name="nonzero_count",
-            aggregation="sum")
-        self.token_count = self.add_variable(
-            shape=(), initializer="zeros", name="token_count",
-            aggregation="sum")
-        self.neuron_fire_count = self.add_variable(
-            shape=(mlp_dim,), initializer="zeros", name="neuron_fire_count",
-            aggregation="sum")
-        # [c]: tokens with exactly c nonzero activations, c in [0, mlp_dim].
-        self.tokens_by_nonzero_count = self.add_variable(
-            shape=(mlp_dim + 1,), initializer="zeros",
-            name="tokens_by_nonzero_count", aggregation="sum")
 
     def update_state(self, activations):
         """Counts the positive entries of `activations` `[..., mlp_dim]`
@@ -95,6 +147,8 @@ class NonzeroFraction(keras.metrics.Metric):
             valid, per_token, num_segments=self.mlp_dim + 1))
 
     def result(self):
+        if not self._readable():
+            return ops.convert_to_tensor(np.nan, self.dtype)
         return ops.divide_no_nan(self.nonzero_count,
                                  self.token_count * self.mlp_dim)
 
@@ -115,7 +169,7 @@ class NonzeroFraction(keras.metrics.Metric):
 
 
 @keras.saving.register_keras_serializable(package="topk_sparse")
-class TopKRecall(keras.metrics.Metric):
+class TopKRecall(_Counts):
     """Share of the exact top-k activations that an approximate method kept.
 
     The recall of `"approx"` (TPU-KNN's binned top-k) and `"statistical"`,
@@ -132,16 +186,15 @@ class TopKRecall(keras.metrics.Metric):
       k: int. Activations kept per token.
       sample_tokens: int. Tokens checked per call. Defaults to 64.
       name: str. Metric name (the key in `fit` logs).
+      owner: None, or the layer that keeps the counts.
     """
 
-    def __init__(self, k, sample_tokens=64, name="topk_recall", **kwargs):
-        super().__init__(name=name, **kwargs)
+    def __init__(self, k, sample_tokens=64, name="topk_recall", owner=None,
+                 **kwargs):
+        super().__init__({"hits": (), "relevant": ()}, name=name,
+                         owner=owner, **kwargs)
         self.k = k
         self.sample_tokens = sample_tokens
-        self.hits = self.add_variable(shape=(), initializer="zeros",
-                                      name="hits", aggregation="sum")
-        self.relevant = self.add_variable(shape=(), initializer="zeros",
-                                          name="relevant", aggregation="sum")
 
     def update_state(self, pre_activations, kept):
         """`pre_activations`: `[..., n]`, before ReLU; `kept`: `[..., n]`,
@@ -181,6 +234,8 @@ class TopKRecall(keras.metrics.Metric):
         self.relevant.assign_add(ops.sum(ops.cast(relevant, self.dtype)))
 
     def result(self):
+        if not self._readable():
+            return ops.convert_to_tensor(np.nan, self.dtype)
         return ops.divide_no_nan(self.hits, self.relevant)
 
     def get_config(self):
@@ -195,18 +250,36 @@ def _tokens_without_nan(activations):
     return ops.logical_not(ops.isnan(ops.sum(activations, axis=1)))
 
 
+def metric_state(layer):
+    """Every variable of the metrics of `layer` (a model or a layer) and
+    its sublayers: their own variables and the counts that layers keep for
+    their sparsity metrics."""
+    variables = [*layer.metrics_variables,
+                 *(v for m in layer.metrics if isinstance(m, _Counts)
+                   for v in m.counters)]
+    return list({id(v): v for v in variables}.values())
+
+
+def weights_without_counts(layer):
+    """`layer.weights` less the counts its layers keep for their metrics:
+    the weights that two models of one architecture, Top-k or not, share."""
+    counts = {id(v) for v in metric_state(layer)}
+    return [w for w in layer.weights if id(w) not in counts]
+
+
 @contextlib.contextmanager
 def metrics_restored(model):
-    """Restores all of `model.metrics_variables` on exit.
+    """Restores all of `metric_state(model)` on exit.
 
     Every call of the model updates its layers' sparsity metrics: passes
     that are not evaluation (corrupted inputs, recording calibration
     inputs) run inside this, so that `fit` logs, callbacks and reports
     see only what `fit` / `evaluate` measured.
     """
-    saved = [v.numpy() for v in model.metrics_variables]
+    variables = metric_state(model)
+    saved = [v.numpy() for v in variables]
     try:
         yield
     finally:
-        for variable, value in zip(model.metrics_variables, saved):
+        for variable, value in zip(variables, saved):
             variable.assign(value)

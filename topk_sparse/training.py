@@ -36,9 +36,9 @@ import numpy as np
 import tensorflow as tf
 
 from topk_sparse import (callbacks, checkpoint, checks, data, distribute,
-                         evaluation, models, optimizers, registry)
+                         evaluation, optimizers, registry)
 
-del evaluation, models  # imported for their registrations
+del evaluation  # imported for its registrations
 
 
 @dataclasses.dataclass(frozen=True)

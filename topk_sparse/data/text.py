@@ -31,8 +31,8 @@ import tensorflow as tf
 
 from topk_sparse import registry
 from topk_sparse.data.images import prepared_builder
+from topk_sparse.models.t5 import PAD_ID  # T5's padding and start id
 
-PAD_ID = 0
 EOS_ID = 1
 DECODER_START_ID = PAD_ID
 FIRST_CONTENT_ID = 2

@@ -64,7 +64,7 @@ from keras_hub.src.models.t5.t5_transformer_layer import T5TransformerLayer
 from keras_hub.src.models.vit.vit_backbone import ViTBackbone
 from keras_hub.src.models.vit.vit_layers import MLP as ViTMLP
 
-from topk_sparse import ops
+from topk_sparse import ops, sparsity
 from topk_sparse.sparsity import NonzeroFraction
 
 _PACKAGE = "topk_sparse"
@@ -117,8 +117,8 @@ class MLPActivation(keras.layers.Layer):
                 f"got input shape {input_shape}.")
         if self.k is not None:
             ops.validate_k(self.k, mlp_dim)
-        self.nonzero_fraction = NonzeroFraction(mlp_dim,
-                                                name=self.metric_name)
+        self.nonzero_fraction = NonzeroFraction(
+            mlp_dim, name=self.metric_name, owner=self)
 
     def call(self, inputs):
         outputs = inputs
@@ -314,5 +314,7 @@ def sparsify(backbone, k, method="auto", recall_target=0.95):
                       "recall_target": ops.validate_recall_target(
                           recall_target)}
     sparse = TOPK_BACKBONES[base].from_config(config)
-    sparse.set_weights(backbone.get_weights())
+    for weight, value in zip(sparsity.weights_without_counts(sparse),
+                             sparsity.weights_without_counts(backbone)):
+        weight.assign(value)
     return sparse

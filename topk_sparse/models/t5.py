@@ -14,15 +14,18 @@ attention layer serves ViT and T5.
 """
 
 import math
-import numbers
 
 import keras
-import tensorflow as tf
+from keras import ops
+import numpy as np
 
-from topk_sparse import checks, evaluation, registry
-from topk_sparse.models.transformer import TransformerBlock
-from topk_sparse.data.text import PAD_ID
+from topk_sparse import backend, checks
+from topk_sparse.models import sampling
 from topk_sparse.models.common import ArgumentsConfig, resolve_variant
+from topk_sparse.models.transformer import TransformerBlock
+
+PAD_ID = 0
+"""Padding in the encoder tokens, and the decoder's start id (T5's)."""
 
 # Raffel et al., arXiv 1910.10683, Sec. 3.1.1 and Sec. 3.7 ("Small", "Base",
 # "Large"): d_model -> width, d_ff -> mlp_dim, layers per stack -> depth;
@@ -65,22 +68,23 @@ def relative_position_bucket(relative_position, bidirectional=True,
     Returns:
       int32 tensor like `relative_position`, values in `[0, num_buckets)`.
     """
-    n = -tf.cast(relative_position, tf.int32)  # query - key
-    bucket = tf.zeros_like(n)
+    n = -ops.cast(relative_position, "int32")  # query - key
+    bucket = ops.zeros_like(n)
     if bidirectional:
         num_buckets //= 2
-        bucket += tf.cast(n < 0, tf.int32) * num_buckets
-        n = tf.abs(n)
+        bucket += ops.cast(n < 0, "int32") * num_buckets
+        n = ops.abs(n)
     else:
-        n = tf.maximum(n, 0)
+        n = ops.maximum(n, 0)
     max_exact = num_buckets // 2
     # log(n / max_exact) is only used where n >= max_exact; the maximum
     # keeps it finite elsewhere.
-    scaled = tf.math.log(
-        tf.cast(tf.maximum(n, max_exact), tf.float32) / max_exact
+    scaled = ops.log(
+        ops.cast(ops.maximum(n, max_exact), "float32") / max_exact
     ) / math.log(max_distance / max_exact) * (num_buckets - max_exact)
-    large = tf.minimum(max_exact + tf.cast(scaled, tf.int32), num_buckets - 1)
-    return bucket + tf.where(n < max_exact, n, large)
+    large = ops.minimum(max_exact + ops.cast(scaled, "int32"),
+                        num_buckets - 1)
+    return bucket + ops.where(n < max_exact, n, large)
 
 
 @keras.saving.register_keras_serializable(package="topk_sparse")
@@ -117,22 +121,23 @@ class RelativePositionBias(keras.layers.Layer):
 
     def call(self, query, key=None):
         key = query if key is None else key
-        q_len, kv_len = tf.shape(query)[1], tf.shape(key)[1]
-        return self._bias(tf.range(kv_len)[None, :]
-                          - tf.range(q_len)[:, None])
+        q_len, kv_len = ops.shape(query)[1], ops.shape(key)[1]
+        return self._bias(ops.arange(kv_len)[None, :]
+                          - ops.arange(q_len)[:, None])
 
     def bias_at(self, position, kv_len):
         """The bias of one query at `position` (int scalar, may be a
         tensor) over the keys `0 .. kv_len - 1`: `[1, num_heads, 1,
         kv_len]`, row `position` of what `call` gives. For incremental
         decoding, one position per step."""
-        return self._bias(tf.range(kv_len)[None, :] - position)
+        return self._bias(ops.arange(kv_len)[None, :] - position)
 
     def _bias(self, relative):
         buckets = relative_position_bucket(
             relative, self.bidirectional, self.num_buckets, self.max_distance)
-        bias = tf.gather(tf.cast(self.embedding, self.compute_dtype), buckets)
-        return tf.transpose(bias, [2, 0, 1])[None]
+        bias = ops.take(ops.cast(self.embedding, self.compute_dtype),
+                        buckets, axis=0)
+        return ops.transpose(bias, (2, 0, 1))[None]
 
     def compute_output_shape(self, query_shape, key_shape=None):
         key_shape = query_shape if key_shape is None else key_shape
@@ -173,13 +178,13 @@ class SharedEmbedding(keras.layers.Layer):
             initializer=keras.initializers.RandomNormal(stddev=1.0))
 
     def call(self, inputs, reverse=False):
-        embedding = tf.cast(self.embedding, self.compute_dtype)
+        embedding = ops.cast(self.embedding, self.compute_dtype)
         if reverse:
             # Scaled here, not by the caller: in Keras 3.15 a Keras tensor
             # times a Python float is marked sparse and breaks the graph.
-            return tf.matmul(inputs * self.reverse_scale, embedding,
-                             transpose_b=True)
-        return tf.gather(embedding, tf.cast(inputs, tf.int32))
+            return ops.matmul(inputs * self.reverse_scale,
+                              ops.transpose(embedding))
+        return ops.take(embedding, ops.cast(inputs, "int32"), axis=0)
 
     def get_config(self):
         return {**super().get_config(), "vocab_size": self.vocab_size,
@@ -226,10 +231,11 @@ class T5(ArgumentsConfig, keras.Model):
     Example:
     >>> model = T5("tiny", vocab_size=20, k=16, dropout_rate=0.0)
     >>> tokens = np.ones((2, 5), "int32")
-    >>> model({"encoder_tokens": tokens, "decoder_tokens": tokens}).shape
-    TensorShape([2, 5, 20])
-    >>> model.generate(tokens, max_length=3).shape
-    TensorShape([2, 3])
+    >>> tuple(model({"encoder_tokens": tokens,
+    ...              "decoder_tokens": tokens}).shape)
+    (2, 5, 20)
+    >>> tuple(model.generate(tokens, max_length=3).shape)
+    (2, 3)
 
     References:
       - Raffel et al., Exploring the Limits of Transfer Learning with a
@@ -297,7 +303,7 @@ class T5(ArgumentsConfig, keras.Model):
             num_buckets=num_buckets, max_distance=max_distance)
 
     # These three serve both the functional graph (Keras tensors) and
-    # `generate` (TensorFlow tensors): hence `keras.ops`, not `tf`.
+    # `generate` (backend tensors).
     def _encode(self, tokens, training=None):
         padding_mask = keras.ops.not_equal(tokens, PAD_ID)
         x = self.dropout(self.token_embedding(tokens), training=training)
@@ -326,9 +332,14 @@ class T5(ArgumentsConfig, keras.Model):
                  use_cache=True):
         """Decodes up to `max_length` tokens per sequence, with static shapes.
 
-        Greedy by default; samples when `temperature > 0`. Runs eagerly, in
-        `tf.function` and under `jit_compile=True` (XLA, TPU), and under a
-        mixed precision policy.
+        Greedy by default; samples when `temperature > 0`. Runs on both
+        backends: eagerly, in `tf.function` and under `jit_compile=True`
+        (XLA, TPU) on TensorFlow; eagerly and inside `jax.jit` (in a
+        `keras.StatelessScope` over the model's variables, as keras-hub's
+        `CausalLM` does) on JAX; and under a mixed precision policy. Greedy
+        tokens are the same on both backends. The decoder MLPs' sparsity
+        metrics count the decoded tokens (on JAX, their counts are carried
+        through the loop).
 
         With `use_cache=True` (default), each step runs the decoder on one
         token per sequence. Each decoder block keeps its self-attention
@@ -341,8 +352,8 @@ class T5(ArgumentsConfig, keras.Model):
         thus sees `[batch, 1, width]`, so Top-k MLPs take the gathered path
         (and two-stage scoring, where calibrated) by their
         `implementation="auto"` rule, whenever `batch` is static (eager
-        calls, or `tf.function` traced on a shape). With `use_cache=False`,
-        each step reruns the decoder over the whole `[batch, max_length]`
+        calls, JAX, or `tf.function` traced on a shape). With
+        `use_cache=False`, each step reruns the decoder over the whole `[batch, max_length]`
         buffer: the reference the cache is tested against.
 
         Cost and bound: each step attends over, and rewrites, its whole
@@ -353,7 +364,9 @@ class T5(ArgumentsConfig, keras.Model):
         of exhausting memory or crawling.
 
         Args:
-          encoder_tokens: int `[batch, source_length]`, 0 is padding.
+          encoder_tokens: int `[batch, source_length]`, 0 is padding; ids
+            in `[0, vocab_size)` (checked where their values are known:
+            numpy and eager inputs, not traced ones).
           max_length: int in `[1, MAX_GENERATE_LENGTH]`. Tokens to
             generate (fewer are decoded when every row stops at `eos_id`).
           eos_id: int or None. End-of-sequence id: a row that emits it
@@ -372,8 +385,9 @@ class T5(ArgumentsConfig, keras.Model):
             1 (default) keeps all.
           seed: None, an int or a pair of ints. Seeds stateless sampling,
             folded with the step index: one seed, one output (eagerly and
-            in `tf.function` alike; XLA's sampler draws other tokens). None
-            draws a new seed per call.
+            traced alike, per backend; XLA's sampler on TensorFlow and
+            JAX's draw other tokens). None draws a new seed per call (on
+            JAX, per Python call: inside `jax.jit`, pass a seed).
           use_cache: bool. Decode with the key/value cache (default), or
             rerun the decoder over the whole buffer every step.
 
@@ -381,25 +395,22 @@ class T5(ArgumentsConfig, keras.Model):
           int32 `[batch, max_length]`: the tokens after the start id.
 
         Raises:
-          ValueError: for an argument outside the ranges above.
+          ValueError: for an argument outside the ranges above, float
+            tokens or token ids outside `[0, vocab_size)`.
         """
         max_length = checks.positive_int(max_length, "max_length",
                                          upper=MAX_GENERATE_LENGTH)
         if eos_id is not None:
             eos_id = checks.int_in_range(eos_id, "eos_id", 0,
                                          self.vocab_size - 1)
-        choose = _token_chooser(temperature, top_k, top_p, seed,
-                                self.vocab_size)
-        encoder_tokens = tf.convert_to_tensor(encoder_tokens, tf.int32)
-        if encoder_tokens.shape.rank != 2:
-            raise ValueError(
-                f"encoder_tokens must be [batch, source_length], got shape "
-                f"{encoder_tokens.shape}.")
+        choose = sampling.token_chooser(temperature, top_k, top_p, seed,
+                                        self.vocab_size)
+        encoder_tokens = self._token_ids(encoder_tokens)
         encoded = self._encode(encoder_tokens, training=False)
-        context_mask = tf.not_equal(encoder_tokens, PAD_ID)
-        batch = encoder_tokens.shape[0] or tf.shape(encoder_tokens)[0]
+        context_mask = ops.not_equal(encoder_tokens, PAD_ID)
+        batch = ops.shape(encoder_tokens)[0]
         project = self._output_projection(encoder_tokens.shape[0])
-        positions = tf.range(max_length)
+        positions = ops.arange(max_length)
 
         if use_cache:
             caches = self._decoding_caches(encoded, batch, max_length)
@@ -411,32 +422,60 @@ class T5(ArgumentsConfig, keras.Model):
             caches = ()
 
             def next_logits(i, tokens, last, caches):
-                decoder_tokens = tf.pad(tokens[:, :-1], [[0, 0], [1, 0]],
-                                        constant_values=PAD_ID)
+                decoder_tokens = ops.pad(tokens[:, :-1], [[0, 0], [1, 0]],
+                                         constant_values=PAD_ID)
                 decoded = self._decode(decoder_tokens, encoded,
                                        encoder_tokens, training=False)
-                return project(tf.gather(decoded, i, axis=1)), caches
+                return project(ops.take(decoded, i, axis=1)), caches
 
         def step(i, tokens, last, done, caches):
             logits, caches = next_logits(i, tokens, last, caches)
-            token = tf.where(done, PAD_ID, choose(logits, i))
-            tokens = tf.where(positions == i, token[:, None], tokens)
+            token = ops.where(done, PAD_ID, choose(logits, i))
+            tokens = ops.where(positions == i, token[:, None], tokens)
             if eos_id is not None:
-                done = done | tf.equal(token, eos_id)
+                done = ops.logical_or(done, ops.equal(token, eos_id))
             return i + 1, tokens, token, done, caches
 
         def running(i, tokens, last, done, caches):
             if eos_id is None:
                 return i < max_length
-            return (i < max_length) & ~tf.reduce_all(done)
+            return ops.logical_and(i < max_length,
+                                   ops.logical_not(ops.all(done)))
 
-        start = tf.fill([batch], PAD_ID)
-        _, tokens, *_ = tf.while_loop(
+        start = ops.full((batch,), PAD_ID, "int32")
+        _, tokens, *_ = backend.while_loop(
             running, step,
-            (tf.constant(0), tf.zeros([batch, max_length], tf.int32), start,
-             tf.zeros([batch], tf.bool), caches),
-            maximum_iterations=max_length)
+            (ops.convert_to_tensor(0, "int32"),
+             ops.zeros((batch, max_length), "int32"), start,
+             ops.zeros((batch,), "bool"), caches),
+            max_length, self)
         return tokens
+
+    def _token_ids(self, tokens):
+        """`tokens` as int32 `[batch, source_length]`, after one-line
+        checks: integer dtype, and ids in `[0, vocab_size)` where their
+        values are known. (A gather with an id past the table clamps on
+        JAX and fails unreadably on TensorFlow.)"""
+        if not ops.is_tensor(tokens):
+            tokens = np.asarray(tokens)
+        dtype = keras.backend.standardize_dtype(tokens.dtype)
+        if "int" not in dtype:
+            raise ValueError(
+                f"encoder_tokens must be integer token ids, got dtype "
+                f"{dtype}: cast them to int32.")
+        if len(tokens.shape) != 2:
+            raise ValueError(
+                f"encoder_tokens must be [batch, source_length], got shape "
+                f"{tuple(tokens.shape)}.")
+        values = tokens if isinstance(tokens, np.ndarray) \
+            else backend.static_value(tokens)
+        if values is not None and values.size and (
+                values.min() < 0 or values.max() >= self.vocab_size):
+            raise ValueError(
+                f"encoder_tokens hold ids outside [0, {self.vocab_size}) "
+                f"(the vocab_size): min {values.min()}, max "
+                f"{values.max()}.")
+        return ops.cast(tokens, "int32")
 
     def _output_projection(self, batch):
         """`project(decoded [batch, width]) -> logits [batch, vocab]`, the
@@ -449,19 +488,19 @@ class T5(ArgumentsConfig, keras.Model):
         matrix-vector product and the copy (40-70 ms under XLA) costs more
         than it saves."""
         embedding = self.token_embedding
-        kernel = tf.cast(embedding.embedding, embedding.compute_dtype)
+        kernel = ops.cast(embedding.embedding, embedding.compute_dtype)
         scale = embedding.reverse_scale
         if batch == 1:
-            return lambda decoded: tf.matmul(decoded * scale, kernel,
-                                             transpose_b=True)
-        kernel = tf.transpose(kernel)
-        return lambda decoded: tf.matmul(decoded * scale, kernel)
+            return lambda decoded: ops.einsum("bd,vd->bv", decoded * scale,
+                                              kernel)
+        kernel = ops.transpose(kernel)
+        return lambda decoded: ops.matmul(decoded * scale, kernel)
 
     def _decoding_caches(self, encoded, batch, max_length):
         """Per decoder block: `(self-attention cache, cross-attention keys
         and values)`, the cache zeroed, see `TransformerBlock.decode`."""
-        zeros = tf.zeros(
-            [batch, self.num_heads, max_length, self.width // self.num_heads],
+        zeros = ops.zeros(
+            (batch, self.num_heads, max_length, self.width // self.num_heads),
             self.token_embedding.compute_dtype)
         return [((zeros, zeros), block.context_keys_and_values(encoded))
                 for block in self.decoder_blocks]
@@ -472,7 +511,7 @@ class T5(ArgumentsConfig, keras.Model):
         (`[batch]`, at `position`) and the caches with it written."""
         x = self.token_embedding(tokens[:, None])
         bias = self.decoder_position_bias.bias_at(position, max_length)
-        positions = tf.range(max_length)
+        positions = ops.arange(max_length)
         write, written = positions == position, positions <= position
         updated = []
         for block, (cache, context) in zip(self.decoder_blocks, caches):
@@ -490,70 +529,3 @@ class T5(ArgumentsConfig, keras.Model):
         return {block.mlp.name: block.mlp
                 for block in (*self.encoder_blocks, *self.decoder_blocks)}
 
-
-def _token_chooser(temperature, top_k, top_p, seed, vocab_size):
-    """`choose(logits [batch, vocab], step) -> int32 [batch]` for
-    `T5.generate`'s arguments, checked here (see its docstring)."""
-    if isinstance(temperature, bool) or \
-            not isinstance(temperature, numbers.Real) or \
-            not 0 <= temperature < math.inf:
-        raise ValueError(f"temperature must be a finite number >= 0 (0 is "
-                         f"greedy), got {temperature!r}.")
-    top_k = checks.int_in_range(top_k, "top_k", 0, vocab_size)
-    if isinstance(top_p, bool) or not isinstance(top_p, numbers.Real) or \
-            not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be a number in (0, 1], got {top_p!r}.")
-    seed = _sampling_seed(seed)
-    if temperature == 0:
-        return lambda logits, step: tf.argmax(
-            tf.cast(logits, tf.float32), axis=-1, output_type=tf.int32)
-    if seed is None:
-        # Drawn by a stateful op, so that each call of a traced `generate`
-        # samples anew.
-        seed = tf.random.uniform([2], 0, tf.int64.max, tf.int64)
-
-    def choose(logits, step):
-        logits = tf.cast(logits, tf.float32) / temperature
-        if top_k:
-            kth = tf.reduce_min(tf.math.top_k(logits, top_k).values, -1,
-                                keepdims=True)
-            logits = tf.where(logits < kth, -math.inf, logits)
-        if top_p < 1:
-            ordered = tf.sort(logits, axis=-1, direction="DESCENDING")
-            before = tf.math.cumsum(tf.nn.softmax(ordered), axis=-1,
-                                    exclusive=True)
-            # The least likely token kept: the last one whose more likely
-            # tokens hold less than top_p.
-            cutoff = tf.reduce_min(tf.where(before < top_p, ordered,
-                                            math.inf), -1, keepdims=True)
-            logits = tf.where(logits < cutoff, -math.inf, logits)
-        step_seed = tf.random.experimental.stateless_fold_in(seed, step)
-        return tf.random.stateless_categorical(
-            logits, 1, step_seed, dtype=tf.int32)[:, 0]
-
-    return choose
-
-
-def _sampling_seed(seed):
-    """`seed` (None, an int or a pair of ints) as an int64 `[2]` tensor, or
-    None."""
-    if seed is None:
-        return None
-    try:
-        pair = tf.convert_to_tensor([checks.integer(seed, "seed"), 0])
-    except ValueError:
-        try:
-            pair = tf.convert_to_tensor(seed)
-        except (TypeError, ValueError):
-            pair = None
-    if pair is None or not pair.dtype.is_integer or pair.shape != (2,):
-        raise ValueError(f"seed must be None, an int or a pair of ints, got "
-                         f"{seed!r}.")
-    return tf.cast(pair, tf.int64)
-
-
-registry.register_model(
-    "t5", metrics=evaluation.token_metrics,
-    build=lambda kwargs, data: T5(
-        **kwargs, vocab_size=data.features["vocab_size"]),
-    evaluators=("exact_match", "two_stage"))

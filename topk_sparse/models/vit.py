@@ -8,9 +8,8 @@ paper's ViT, arXiv 2210.06313) rather than the original GELU, so that
 """
 
 import keras
-import tensorflow as tf
+from keras import ops
 
-from topk_sparse import evaluation, registry
 from topk_sparse.models.common import ArgumentsConfig, resolve_variant
 from topk_sparse.models.transformer import TransformerBlock
 
@@ -44,9 +43,10 @@ class ClassToken(keras.layers.Layer):
             name="token", shape=(1, 1, input_shape[-1]), initializer="zeros")
 
     def call(self, inputs):
-        token = tf.cast(self.token, inputs.dtype)
-        token = tf.tile(token, [tf.shape(inputs)[0], 1, 1])
-        return tf.concat([token, inputs], axis=1)
+        token = ops.cast(self.token, inputs.dtype)
+        token = ops.broadcast_to(
+            token, (ops.shape(inputs)[0], 1, ops.shape(inputs)[2]))
+        return ops.concatenate([token, inputs], axis=1)
 
     def compute_output_shape(self, input_shape):
         length = None if input_shape[1] is None else input_shape[1] + 1
@@ -67,7 +67,7 @@ class PositionEmbedding(keras.layers.Layer):
             initializer=keras.initializers.RandomNormal(stddev=0.02))
 
     def call(self, inputs):
-        return inputs + tf.cast(self.embedding, inputs.dtype)
+        return inputs + ops.cast(self.embedding, inputs.dtype)
 
     def compute_output_shape(self, input_shape):
         return input_shape
@@ -111,10 +111,10 @@ class ViT(ArgumentsConfig, keras.Model):
 
     Example:
     >>> model = ViT("micro", image_size=16, num_classes=10, k=8)
-    >>> model(np.zeros((2, 16, 16, 3), "float32")).shape
-    TensorShape([2, 10])
+    >>> tuple(model(np.zeros((2, 16, 16, 3), "float32")).shape)
+    (2, 10)
     >>> list(model.sparse_mlps())
-    ['encoder/block_0/mlp', 'encoder/block_1/mlp']
+    ['encoder_block_0_mlp', 'encoder_block_1_mlp']
 
     References:
       - Dosovitskiy et al., An Image is Worth 16x16 Words,
@@ -188,15 +188,3 @@ class ViT(ArgumentsConfig, keras.Model):
         report entries."""
         return {block.mlp.name: block.mlp for block in self.blocks}
 
-
-def _build(kwargs, data):
-    """A ViT sized by its data: `(images, labels)` batches."""
-    _, height, _, channels = data.element_spec[0].shape
-    return ViT(**kwargs, image_size=height, channels=channels,
-               num_classes=data.features["num_classes"])
-
-
-registry.register_model(
-    "vit", build=_build, metrics=evaluation.classifier_metrics,
-    evaluators=("calibration", "corruptions", "cifar10_corrupted",
-                "two_stage"))
