@@ -13,12 +13,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-install() {  # name: makes build/venv-$name with the extra of that name
+install() {  # name extras: makes build/venv-$name with those extras
     local venv="build/venv-$1"
     python3 -m venv --clear "$venv"
     "$venv/bin/pip" install -q --upgrade pip
     # pytest-xdist: pytest.ini's --dist option (the test extra's).
-    "$venv/bin/pip" install -q -e ".[$1]" "pytest>=8" "pytest-xdist>=3.5"
+    "$venv/bin/pip" install -q -e ".[$2]" "pytest>=8" "pytest-xdist>=3.5"
 }
 
 check_one_tensorflow() {  # name
@@ -37,13 +37,15 @@ check_one_tensorflow() {  # name
 }
 
 start=$SECONDS
-for name in garden hub; do
-    install "$name"
-    check_one_tensorflow "$name"
-done
+install garden garden
+check_one_tensorflow garden
+install hub hub,jax  # keras-hub on both Keras backends
+check_one_tensorflow hub
 echo "integrations: installed in $((SECONDS - start)) s"
 build/venv-garden/bin/python -m pytest -q -p no:cacheprovider \
     tests/integrations/test_model_garden.py
-build/venv-hub/bin/python -m pytest -q -p no:cacheprovider \
-    tests/integrations/test_keras_hub.py
+for backend in tensorflow jax; do
+    KERAS_BACKEND=$backend build/venv-hub/bin/python -m pytest -q \
+        -p no:cacheprovider tests/integrations/test_keras_hub.py
+done
 echo "integrations: $((SECONDS - start)) s in all"

@@ -193,3 +193,23 @@ def test_approximate_methods_report_their_recall(method, implementation):
     for layer in (SparseMLP(512, k=8, method="exact"), SparseMLP(512)):
         layer.build((None, 16))
         assert layer.recall is None
+
+
+@pytest.mark.parametrize("k,activation,expected", [
+    (2, "relu", [[3.0, 0.0, 0.0, 5.0]]),
+    (2, "gelu", [[2.99595, 0.0, 0.0, 5.0]]),
+    (None, "gelu", [[2.99595, -0.158655, 1.954500, 5.0]]),
+    (None, None, [[3.0, -1.0, 2.0, 5.0]]),
+    (None, "relu", [[3.0, 0.0, 2.0, 5.0]])])
+def test_topk_activation_runs_the_models_activation_after_topk(
+        k, activation, expected):
+    layer = TopKActivation(k, activation=activation, metric_name="mine")
+    x = np.array([[3.0, -1.0, 2.0, 5.0]], "float32")
+    np.testing.assert_allclose(numpy(layer(x)), expected, rtol=1e-5,
+                               atol=1e-5)
+    # The metric counts the positive outputs, under the name given.
+    assert layer.nonzero_fraction.name == "mine"
+    assert float(layer.nonzero_fraction.result()) == pytest.approx(
+        np.mean(np.array(expected) > 0))
+    assert TopKActivation.from_config(layer.get_config()).get_config() == \
+        layer.get_config()

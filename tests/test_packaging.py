@@ -93,3 +93,17 @@ def test_jax_alone_runs_layers_models_fit_generate_and_saving(tmp_path):
     subprocess.run([sys.executable, "-c", _WITHOUT_TENSORFLOW,
                     str(tmp_path / "vit.keras")], check=True, timeout=300,
                    env={**os.environ, "KERAS_BACKEND": "jax"})
+
+
+def test_modules_that_import_tensorflow_load_on_first_use():
+    """`topk_sparse.callbacks.TensorBoard` and the like work right after
+    `import topk_sparse`, which imported none of them."""
+    subprocess.run([sys.executable, "-c", (
+        "import sys, topk_sparse\n"
+        "assert 'topk_sparse.callbacks' not in sys.modules\n"
+        "topk_sparse.callbacks.TensorBoard, topk_sparse.data.text.EOS_ID\n"
+        "topk_sparse.training.train, topk_sparse.distribute.get_strategy\n"
+        "assert topk_sparse.SparsityCallback is "
+        "topk_sparse.callbacks.SparsityCallback")],
+        check=True, timeout=120, env={**os.environ, "KERAS_BACKEND":
+                                      "tensorflow"})

@@ -21,10 +21,13 @@ from topk_sparse.sparsity import NonzeroFraction
 
 __version__ = "0.1.0"
 
+# Names that import TensorFlow: their modules load on first use.
 _LATER = {
     "CalibrationCallback": "topk_sparse.callbacks",
     "SparsityCallback": "topk_sparse.callbacks",
-    "distribute": "topk_sparse.distribute",
+    **{module: f"topk_sparse.{module}" for module in (
+        "callbacks", "checkpoint", "data", "distribute", "evaluation",
+        "robustness", "study", "training")},
 }
 
 

@@ -31,11 +31,11 @@ inference).
 """
 
 
-def _sparsity_metric(layer, mlp_dim):
+def _sparsity_metric(layer, mlp_dim, name=None):
     if not layer.track_sparsity:
         return None
-    return NonzeroFraction(mlp_dim, name=f"{layer.name}/nonzero_fraction",
-                           owner=layer)
+    return NonzeroFraction(mlp_dim, owner=layer,
+                           name=name or f"{layer.name}/nonzero_fraction")
 
 
 def _recall_metric(layer):
@@ -55,6 +55,15 @@ def _check_floating(x, layer):
             f"inputs, got dtype {dtype}: cast them to float32.")
 
 
+def _activation_function(name):
+    """The function of an `activation` name (None: identity)."""
+    if name is None:
+        return None
+    if name == "gelu_approximate":  # Gemma 3n's name
+        return lambda x: keras.activations.gelu(x, approximate=True)
+    return keras.activations.get(name)
+
+
 @keras.saving.register_keras_serializable(package="topk_sparse")
 class TopKActivation(keras.layers.Layer):
     """ReLU, then keep per token the `k` largest activations.
@@ -63,7 +72,10 @@ class TopKActivation(keras.layers.Layer):
     last axis is zeroed and gets no gradient. A token with fewer than `k`
     positive activations keeps only those. Ties go to the lower index, as in
     `top_k`. (`method="statistical"` keeps instead the activations
-    above a per-token cutoff: about `k`.)
+    above a per-token cutoff: about `k`.) A model whose MLP has another
+    activation (gelu) keeps it: `activation` runs on the kept entries (a
+    dropped entry stays 0: relu and gelu map 0 to 0), as
+    `integrations.keras_hub` puts it in keras-hub's MLPs.
 
     Args:
       k: int or None. Number of activations kept per token. Must not
@@ -81,6 +93,13 @@ class TopKActivation(keras.layers.Layer):
         metric of its outputs (`layer.nonzero_fraction`) and, when its method
         is approximate here, a `TopKRecall` (`layer.recall`). Defaults to
         True.
+      activation: str or None. The activation of the outputs: `"relu"`
+        (default, the paper's), another Keras activation name or
+        `"gelu_approximate"` (tanh-approximated gelu), applied after Top-k
+        (with `k=None`, alone); None is the identity (with `k=None`, the
+        layer only measures its inputs).
+      metric_name: str or None. Name of the nonzero-fraction metric (the
+        key in `fit` logs); None is `"<layer name>/nonzero_fraction"`.
       **kwargs: base layer arguments (`name`, `dtype`, ...).
 
     Example:
@@ -95,12 +114,16 @@ class TopKActivation(keras.layers.Layer):
     """
 
     def __init__(self, k, method="auto", recall_target=0.95,
-                 track_sparsity=True, **kwargs):
+                 track_sparsity=True, activation="relu", metric_name=None,
+                 **kwargs):
         super().__init__(**kwargs)
         self.k = None if k is None else ops.validate_k(k)
         self.method = ops.validate_method(method)
         self.recall_target = ops.validate_recall_target(recall_target)
         self.track_sparsity = bool(track_sparsity)
+        self.activation = activation
+        self._activation = _activation_function(activation)
+        self.metric_name = metric_name
         self.nonzero_fraction = self.recall = None
 
     def build(self, input_shape):
@@ -111,16 +134,20 @@ class TopKActivation(keras.layers.Layer):
                 f"got input shape {input_shape}.")
         if self.k is not None:
             ops.validate_k(self.k, mlp_dim)
-        self.nonzero_fraction = _sparsity_metric(self, mlp_dim)
+        self.nonzero_fraction = _sparsity_metric(self, mlp_dim,
+                                                 self.metric_name)
         self.recall = _recall_metric(self)
 
     def call(self, inputs):
         _check_floating(inputs, self)
-        if self.k is None:
-            outputs = keras.ops.relu(inputs)
-        else:
+        outputs = inputs
+        if self.k is not None:
             outputs = ops.topk_mask(inputs, self.k, self.method,
                                     self.recall_target)
+        # Top-k's output is relu's already.
+        if self._activation is not None and (self.k is None or
+                                             self.activation != "relu"):
+            outputs = self._activation(outputs)
         if self.nonzero_fraction is not None:
             self.nonzero_fraction.update_state(outputs)
         if self.recall is not None:
@@ -137,6 +164,8 @@ class TopKActivation(keras.layers.Layer):
             "method": self.method,
             "recall_target": self.recall_target,
             "track_sparsity": self.track_sparsity,
+            "activation": self.activation,
+            "metric_name": self.metric_name,
         }
 
 

@@ -24,7 +24,9 @@ def has_value(variable):
     """Whether `variable` can be read here. Not inside Keras' compiled train
     and test steps when it was not passed in: there Keras has purged the
     values of the model's variables and maps only those of the step
-    (`JAXTrainer._purge_model_variables`; the one private Keras name here)."""
+    (`JAXTrainer._purge_model_variables`). Reads Keras' own state (the
+    current `StatelessScope`, `Variable._value`), private names, as
+    `sparsity` calls `Layer._track_variable`: none other is used."""
     scope = stateless_scope.get_stateless_scope()
     if scope is not None and scope.get_current_value(variable) is not None:
         return True

@@ -31,8 +31,9 @@ Where Top-k applies, per model (`MODELS`):
   input (`gate_proj`'s output), then `hidden_activation` and the product
   with `up_proj`.
 
-Top-k means ReLU, then keep the `k` largest (`topk_sparse.ops.topk_mask`),
-and the model's own activation runs on the result: a dropped entry is 0
+Top-k is `topk_sparse.TopKActivation` with the model's own activation
+after it (`activation=`): ReLU, keep the `k` largest, then the model's
+activation on the result: a dropped entry is 0
 after it (relu, gelu and their approximations map 0 to 0), a kept one is
 `act(x)`. For gated MLPs (Gemma, Gemma3, Gemma3n) that is the gate's
 activation before the elementwise product, where Gemma 3n puts its own
@@ -65,79 +66,9 @@ from keras_hub.src.models.vit.vit_backbone import ViTBackbone
 from keras_hub.src.models.vit.vit_layers import MLP as ViTMLP
 
 from topk_sparse import ops, sparsity
-from topk_sparse.sparsity import NonzeroFraction
+from topk_sparse.layers import TopKActivation
 
 _PACKAGE = "topk_sparse"
-
-
-def _gelu_approximate(x):
-    return keras.activations.gelu(x, approximate=True)
-
-
-@keras.saving.register_keras_serializable(package=_PACKAGE)
-class MLPActivation(keras.layers.Layer):
-    """One keras-hub MLP's activation: Top-k, then the model's own.
-
-    `activation(topk_mask(x, k))`, or `activation(x)` with `k=None`, with a
-    `NonzeroFraction` of the result (`layer.nonzero_fraction`) named
-    `metric_name`. `sparsify` puts one in every MLP of a backbone.
-
-    Args:
-      k: int or None. Activations kept per token; None keeps all (the
-        layer only measures).
-      method: str. One of `topk_sparse.ops.METHODS`. Defaults to "auto".
-      recall_target: float in (0, 1]. Expected recall of `"approx"`.
-      activation: str or None. The model's activation after Top-k:
-        a Keras activation name, `"gelu_approximate"` (Gemma 3n's name for
-        tanh-approximated gelu) or None (the caller applies it, as
-        Gemma's decoder block does). Defaults to None.
-      metric_name: str. Name of the metric (the key in `fit` logs).
-      **kwargs: base layer arguments.
-    """
-
-    def __init__(self, k=None, method="auto", recall_target=0.95,
-                 activation=None, metric_name="nonzero_fraction", **kwargs):
-        super().__init__(**kwargs)
-        self.k = None if k is None else ops.validate_k(k)
-        self.method = ops.validate_method(method)
-        self.recall_target = ops.validate_recall_target(recall_target)
-        self.activation = activation
-        self._activation = (
-            _gelu_approximate if activation == "gelu_approximate"
-            else None if activation is None
-            else keras.activations.get(activation))
-        self.metric_name = metric_name
-        self.nonzero_fraction = None
-
-    def build(self, input_shape):
-        mlp_dim = input_shape[-1]
-        if mlp_dim is None:
-            raise ValueError(
-                f"MLPActivation {self.name!r} needs a known last dimension, "
-                f"got input shape {input_shape}.")
-        if self.k is not None:
-            ops.validate_k(self.k, mlp_dim)
-        self.nonzero_fraction = NonzeroFraction(
-            mlp_dim, name=self.metric_name, owner=self)
-
-    def call(self, inputs):
-        outputs = inputs
-        if self.k is not None:
-            outputs = ops.topk_mask(inputs, self.k, self.method,
-                                    self.recall_target)
-        if self._activation is not None:
-            outputs = self._activation(outputs)
-        self.nonzero_fraction.update_state(outputs)
-        return outputs
-
-    def compute_output_shape(self, input_shape):
-        return input_shape
-
-    def get_config(self):
-        return {**super().get_config(), "k": self.k, "method": self.method,
-                "recall_target": self.recall_target,
-                "activation": self.activation,
-                "metric_name": self.metric_name}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,13 +137,14 @@ goes."""
 
 
 def _install(backbone, site, k, method, recall_target):
-    """Puts an `MLPActivation` in every MLP of `backbone`; returns them."""
+    """Puts a `TopKActivation` (with the MLP's own activation after it) in
+    every MLP of `backbone`; returns them."""
     installed = []
     for mlp in backbone._flatten_layers(include_self=False):
         if not isinstance(mlp, site.mlp):
             continue
         host, attribute = site.host(mlp)
-        activation = MLPActivation(
+        activation = TopKActivation(
             k, method, recall_target, activation=site.activation(mlp),
             metric_name=f"{mlp.path}/nonzero_fraction",
             dtype=host.dtype_policy,

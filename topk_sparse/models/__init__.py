@@ -4,8 +4,8 @@
 `"encoder_block_<i>_mlp"` (ViT, T5 encoder) and `"decoder_block_<i>_mlp"`
 (T5 decoder), the name of its `fit` log key
 (`encoder_block_<i>_mlp/nonzero_fraction`), TensorBoard tags and report
-entries. Importing this package registers `"vit"` and `"t5"` with the
-trainer (`topk_sparse.registry`).
+entries. The models depend on the layers only; the trainer registers them
+(`"vit"`, `"t5"`) in `topk_sparse.evaluation`.
 """
 
 from topk_sparse.models.t5 import (MAX_GENERATE_LENGTH, T5, T5_VARIANTS,
