@@ -463,10 +463,10 @@ class T5(ArgumentsConfig, keras.Model):
             raise ValueError(
                 f"encoder_tokens must be integer token ids, got dtype "
                 f"{dtype}: cast them to int32.")
-        if len(tokens.shape) != 2:
+        if tokens.ndim != 2:  # None: a TensorFlow tensor of unknown rank
             raise ValueError(
                 f"encoder_tokens must be [batch, source_length], got shape "
-                f"{tuple(tokens.shape)}.")
+                f"{tokens.shape}.")
         values = tokens if isinstance(tokens, np.ndarray) \
             else backend.static_value(tokens)
         if values is not None and values.size and (
