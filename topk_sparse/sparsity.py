@@ -68,8 +68,12 @@ class _Counts(keras.metrics.Metric):
         counts (Keras would otherwise pass them to the step twice)."""
         return [] if self._in_layer else super().variables
 
-    def _readable(self):
-        return all(backend.has_value(v) for v in self.counters)
+    def result(self):
+        """`_ratio()` of the counts; NaN where they cannot be read (inside
+        JAX's compiled `fit` steps, see the module docstring)."""
+        if not all(backend.has_value(v) for v in self.counters):
+            return ops.convert_to_tensor(np.nan, self.dtype)
+        return self._ratio()
 
     def reset_state(self):
         for counter in self.counters:
@@ -146,9 +150,7 @@ class NonzeroFraction(_Counts):
         self.tokens_by_nonzero_count.assign_add(ops.segment_sum(
             valid, per_token, num_segments=self.mlp_dim + 1))
 
-    def result(self):
-        if not self._readable():
-            return ops.convert_to_tensor(np.nan, self.dtype)
+    def _ratio(self):
         return ops.divide_no_nan(self.nonzero_count,
                                  self.token_count * self.mlp_dim)
 
@@ -233,9 +235,7 @@ class TopKRecall(_Counts):
         self.hits.assign_add(ops.sum(ops.cast(hit, self.dtype)))
         self.relevant.assign_add(ops.sum(ops.cast(relevant, self.dtype)))
 
-    def result(self):
-        if not self._readable():
-            return ops.convert_to_tensor(np.nan, self.dtype)
+    def _ratio(self):
         return ops.divide_no_nan(self.hits, self.relevant)
 
     def get_config(self):
