@@ -9,15 +9,16 @@ gathered path while batch x k is at most a sixth of mlp_dim) and
 `two-stage` (`default` after `scoring.calibrate` at `--rank` /
 `--candidates`: its first stage reads a low-rank factorization of W1, and
 runs while batch x candidates is at most a sixth of mlp_dim, else that row
-is the plain gathered path). Each model is timed in tf.function and under
-jit_compile=True, at each batch size.
+is the plain gathered path). Each model is timed in each mode of the
+backend (tf.function and jit_compile=True on TensorFlow, jax.jit on JAX:
+`benchmarks/backends.py`), at each batch size.
 
 Each case also times its encoder alone, so that a decoding step's time is
 `(generate - encode) / max_length`. It is compared with a memory probe, the
 time to read once every weight a decoding step reads (the decoder's but its
 cross-attention keys and values, computed once per sequence, and the tied
-embedding as output projection): the faster of a jit-compiled and a
-tf.function reduction over them. The cases of a batch and mode, the probes
+embedding as output projection): the fastest of the modes' reductions over
+them. The cases of a batch and mode, the probes
 included, are interleaved repeat by repeat (see topk_mlp.measure), so that
 a busy moment of this shared machine hits them all alike; ratios use
 medians: `throughput_ratio` is tokens/s over the dense model's tokens/s
@@ -39,27 +40,21 @@ Usage:
   python benchmarks/decode.py --variants base --batches 1 --profile
   python benchmarks/decode.py --variants tiny --vocab_size 64 --k 8 \\
       --rank 8 --candidates 16 --batches 1 --repeats 1   # seconds
+  KERAS_BACKEND=jax python benchmarks/decode.py   # -> decode_jax.json
 """
 
 import argparse
 import json
-import os
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import keras
+import numpy as np
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
-
-from topk_mlp import measure, print_table  # noqa: E402
-from topk_sparse import scoring  # noqa: E402
-from topk_sparse.models import T5, T5_VARIANTS  # noqa: E402
-
-# Each case is its own tf.function by design: silence the retracing warning.
-tf.get_logger().setLevel("ERROR")
-
-MODES = {"tf.function": False, "jit_compile": True}
+import backends
+from backends import MODES
+from topk_mlp import measure, normal, print_table
+from topk_sparse import scoring
+from topk_sparse.models import T5, T5_VARIANTS
 
 
 def _models(args, variant):
@@ -112,39 +107,39 @@ def step_weights(model):
 
 
 def memory_probes(model):
-    """`{"probe tf.function": fn, "probe jit_compile": fn}`: each reads
-    `step_weights(model)` once (a sum of each)."""
+    """`{"probe <mode>": fn}` per mode: each reads `step_weights(model)`
+    once (a sum of each)."""
     weights = step_weights(model)
 
     def read():
-        return tf.add_n([tf.reduce_sum(w) for w in weights])
+        return sum(keras.ops.sum(w) for w in weights)
 
-    return {f"probe {mode}": tf.function(read, jit_compile=jit)
-            for mode, jit in MODES.items()}
-
-
-def _generate(model, tokens, args, jit):
-    return tf.function(lambda: model.generate(tokens, args.max_length),
-                       jit_compile=jit)
+    return {f"probe {mode}": backends.compiled(read, [model], mode)
+            for mode in MODES}
 
 
-def _encode(model, tokens, jit):
-    return tf.function(lambda: model._encode(tokens, training=False),
-                       jit_compile=jit)
+def _generate(model, tokens, args, mode):
+    return backends.compiled(
+        lambda: model.generate(tokens, args.max_length), [model], mode)
 
 
-def _step_parts(model, batch, args, jit):
+def _encode(model, tokens, mode):
+    return backends.compiled(
+        lambda: model._encode(tokens, training=False), [model], mode)
+
+
+def _step_parts(model, batch, args, mode):
     """`{part: fn}`: the parts of one decoding step at position
     `max_length - 1`, each over every decoder block, on random states."""
     blocks = model.decoder_blocks
     width, length = model.width, args.max_length
-    x = tf.random.stateless_normal([batch, 1, width], seed=[3, 0])
+    x = normal([batch, 1, width], 3)
     heads = [batch, model.num_heads, length, width // model.num_heads]
-    cache = tf.random.stateless_normal(heads, seed=[4, 0])
-    context = tf.random.stateless_normal(
-        [batch, model.num_heads, args.source_length, heads[-1]], seed=[5, 0])
+    cache = normal(heads, 4)
+    context = normal([batch, model.num_heads, args.source_length, heads[-1]],
+                     5)
     bias = model.decoder_position_bias.bias_at(length - 1, length)
-    written = tf.ones([length], tf.bool)
+    written = keras.ops.ones([length], "bool")
     project = model._output_projection(batch)
 
     def attention():
@@ -152,8 +147,8 @@ def _step_parts(model, batch, args, jit):
         for block in blocks:
             normed = block.attention_norm(y)
             keys, values = block.attention.keys_and_values(normed)
-            keys = tf.concat([cache[:, :, :-1], keys], 2)
-            values = tf.concat([cache[:, :, :-1], values], 2)
+            keys = keras.ops.concatenate([cache[:, :, :-1], keys], 2)
+            values = keras.ops.concatenate([cache[:, :, :-1], values], 2)
             y = y + block.attention.attend(normed, keys, values, bias,
                                            written[None, None, None])
             y = y + block.cross_attention_layer.attend(
@@ -169,7 +164,7 @@ def _step_parts(model, batch, args, jit):
     def output_projection():
         return project(model.decoder_norm(x)[:, 0])
 
-    return {name: tf.function(fn, jit_compile=jit) for name, fn in
+    return {name: backends.compiled(fn, [model], mode) for name, fn in
             (("attention", attention), ("mlp", mlp),
              ("output projection", output_projection))}
 
@@ -218,12 +213,11 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--profile", action="store_true",
                         help="time the parts of a batch-1 step apart")
-    parser.add_argument("--json", default="benchmarks/decode.json")
+    parser.add_argument("--json", default=backends.json_path("decode"))
     args = parser.parse_args()
 
-    result = {"args": vars(args), "tensorflow": tf.__version__,
-              "cpu_count": os.cpu_count(), "probes": [], "rows": [],
-              "profile": []}
+    result = {"args": vars(args), **backends.record(), "probes": [],
+              "rows": [], "profile": []}
     for variant in args.variants:
         models = _models(args, variant)
         recall = _calibrate(args, models[f"top-{args.k} two-stage"])
@@ -235,17 +229,16 @@ def main():
         print(f"\n{variant}: a decoding step reads {mb:.1f} MB of weights; "
               f"two-stage recall {recall:.3f}", flush=True)
         for batch in args.batches:
-            tokens = tf.constant(np.random.default_rng(batch).integers(
-                1, args.vocab_size, size=(batch, args.source_length)),
-                tf.int32)
+            tokens = keras.ops.convert_to_tensor(np.random.default_rng(
+                batch).integers(1, args.vocab_size,
+                                size=(batch, args.source_length)), "int32")
             for mode in args.modes:
-                jit = MODES[mode]
                 # The probes run in the same rounds, so that they meet the
                 # machine's load of the moment too.
                 cases = dict(probes)
                 for name, model in models.items():
-                    cases[name] = _generate(model, tokens, args, jit)
-                    cases[f"{name} encoder"] = _encode(model, tokens, jit)
+                    cases[name] = _generate(model, tokens, args, mode)
+                    cases[f"{name} encoder"] = _encode(model, tokens, mode)
                 start = time.perf_counter()
                 times = measure(cases, args.repeats)
                 probe = {name.split(" ", 1)[1]: float(np.median(times[name]))
@@ -277,7 +270,7 @@ def main():
                 cases = {}
                 for name, model in models.items():
                     for part, fn in _step_parts(model, 1, args,
-                                                MODES[mode]).items():
+                                                mode).items():
                         cases[(name, part)] = fn
                 times = measure(cases, 4 * args.repeats)
                 for (name, part), t in times.items():

@@ -4,9 +4,10 @@ Each benchmark writes its measurements as JSON beside itself; this script
 renders each JSON file into the README region between
 `<!-- tables:NAME.json -->` and `<!-- /tables:NAME.json -->`, so that a
 measured number lives in the JSON and nowhere else. Every region starts with
-what the JSON recorded: the TensorFlow version, the CPU count, the arguments,
-and the command that reproduces them (the script plus the flags that differ
-from its defaults, read from its source without importing TensorFlow).
+what the JSON recorded: the Keras backend and its version, the CPU count,
+the arguments, and the command that reproduces them (the script plus the
+flags that differ from its defaults, read from its source without importing
+TensorFlow). A JSON measured on JAX is `<script>_jax.json`.
 
 A new benchmark adds a render function `(result dict) -> markdown` to
 `RENDERERS` and a region to the README.
@@ -187,10 +188,16 @@ def decode(result):
 
 RENDERERS = {
     "topk_mlp.json": topk_mlp,
+    "topk_mlp_jax.json": topk_mlp,
     "recall.json": recall,
     "vit_train.json": vit_train,
     "decode.json": decode,
+    "decode_jax.json": decode,
 }
+
+# The backends' names as the provenance line gives them; a JSON recorded
+# on JAX is `<script>_jax.json` (benchmarks/backends.py).
+BACKENDS = {"tensorflow": "TensorFlow", "jax": "JAX"}
 
 
 # A default that is an expression (decode.py's `list(MODES)`) is unknown
@@ -254,12 +261,17 @@ def provenance(name, result):
 
     machine = (f"{result['cpu_count']} CPU cores" if "cpu_count" in result
                else "CPU count not recorded")
+    if result.get("cpu"):
+        machine += f" ({result['cpu']})"
     args = ", ".join(f"{k}={text(v)}" for k, v in result["args"].items()
                      if k != "json")
-    script = os.path.join(HERE, name.removesuffix(".json") + ".py")
+    backend = result.get("backend", "tensorflow")
+    stem = name.removesuffix(".json").removesuffix(f"_{backend}")
+    script = os.path.join(HERE, stem + ".py")
+    prefix = "" if backend == "tensorflow" else f"KERAS_BACKEND={backend} "
     return (f"Recorded in `benchmarks/{name}` by "
-            f"`{command(script, result['args'])}`: TensorFlow "
-            f"{result['tensorflow']}, {machine}; args {args}.")
+            f"`{prefix}{command(script, result['args'])}`: "
+            f"{BACKENDS[backend]} {result[backend]}, {machine}; args {args}.")
 
 
 def render(name):

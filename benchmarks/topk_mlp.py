@@ -2,7 +2,8 @@
 
 Prints two tables and writes them as JSON:
 - training: forward+backward of one MLP block, Top-k (each method) over the
-  dense ReLU MLP, in tf.function and jit_compile=True modes;
+  dense ReLU MLP, in each mode of the backend (`benchmarks/backends.py`:
+  tf.function and jit_compile=True on TensorFlow, jax.jit on JAX);
 - inference: forward through a stack of `--layers` residual MLP blocks
   (each its own weights, as in a model, so that they are read from memory,
   not from the cache) of the masked path, the gathered path
@@ -22,22 +23,18 @@ every case: this measures the Top-k and gather costs alone.
 Usage:
   python benchmarks/topk_mlp.py                      # width 768, mlp_dim 3072, k=64
   python benchmarks/topk_mlp.py --k=32 --width=512 --mlp_dim=2048
+  KERAS_BACKEND=jax python benchmarks/topk_mlp.py    # -> topk_mlp_jax.json
 """
 
 import argparse
 import json
-import os
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import keras
+import numpy as np
 
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
-
-from topk_sparse import SparseMLP, scoring  # noqa: E402
-
-# Each case is its own tf.function by design: silence the retracing warning.
-tf.get_logger().setLevel("ERROR")
+import backends
+from topk_sparse import SparseMLP, scoring
 
 
 def _mlp(args, **kwargs):
@@ -46,17 +43,10 @@ def _mlp(args, **kwargs):
     return layer
 
 
-def _train_step(layer, x, jit):
-    @tf.function(jit_compile=jit)
-    def step():
-        with tf.GradientTape() as tape:
-            loss = tf.reduce_mean(tf.square(layer(x)))
-        return tape.gradient(loss, layer.trainable_weights)
-    return step
-
-
-def _forward(layer, x, jit):
-    return tf.function(lambda: layer(x), jit_compile=jit)
+def normal(shape, seed):
+    """Standard normal inputs, the same on every backend."""
+    return keras.ops.convert_to_tensor(np.random.default_rng(
+        seed).standard_normal(shape).astype("float32"))
 
 
 def measure(cases, repeats):
@@ -66,14 +56,14 @@ def measure(cases, repeats):
     Each round starts one case later, so that no case always runs first
     (after the others have pushed its weights out of the cache)."""
     for fn in cases.values():
-        tf.nest.map_structure(np.asarray, fn())
+        keras.tree.map_structure(np.asarray, fn())
     times = {name: [] for name in cases}
     names = list(cases)
     for i in range(repeats):
         for name in names[i % len(names):] + names[:i % len(names)]:
             fn = cases[name]
             start = time.perf_counter()
-            tf.nest.map_structure(np.asarray, fn())
+            keras.tree.map_structure(np.asarray, fn())
             times[name].append(time.perf_counter() - start)
     return times
 
@@ -87,22 +77,22 @@ def _rows(times, baseline):
 
 
 def training_table(args):
-    x = tf.random.stateless_normal([args.tokens, args.width], seed=[0, 0])
+    x = normal([args.tokens, args.width], 0)
     dense = _mlp(args, k=None)
     rows = []
-    for jit in (False, True):
-        cases = {"dense relu": _train_step(dense, x, jit)}
+    for mode in backends.MODES:
+        cases = {"dense relu": backends.gradient_step(dense, x, mode)}
         for method in args.methods:
             layer = _mlp(args, k=args.k, method=method)
             layer.set_weights(dense.get_weights())
-            cases[f"top-{args.k} {method}"] = _train_step(layer, x, jit)
-        mode = "jit_compile" if jit else "tf.function"
+            cases[f"top-{args.k} {method}"] = backends.gradient_step(
+                layer, x, mode)
         rows += [{"mode": mode, **row} for row in
                  _rows(measure(cases, args.repeats), "dense relu")]
     return rows
 
 
-def _stack(layers, x, jit):
+def _stack(layers, x, mode):
     """One call through `layers` as residual blocks, like a model's MLPs:
     the per-call overhead is shared, and `layers` kernels too large for the
     cache are read from memory as in a real model."""
@@ -111,7 +101,7 @@ def _stack(layers, x, jit):
         for layer in layers:
             y = y + layer(y, training=False)
         return y
-    return tf.function(forward, jit_compile=jit)
+    return backends.compiled(forward, layers, mode)
 
 
 def inference_table(args):
@@ -122,8 +112,7 @@ def inference_table(args):
     paths = {"masked": mlps(k=args.k, implementation="masked"),
              "gather": mlps(k=args.k, implementation="gather"),
              "two-stage": mlps(k=args.k, implementation="gather")}
-    calibration = tf.random.stateless_normal([4 * args.rank, args.width],
-                                             seed=[2, 0])
+    calibration = normal([4 * args.rank, args.width], 2)
     for i, reference in enumerate(dense):
         for layers in paths.values():
             layers[i].set_weights(reference.get_weights())
@@ -131,12 +120,11 @@ def inference_table(args):
                               args.candidates)
     rows = []
     for batch in args.batches:
-        x = tf.random.stateless_normal([batch, args.width], seed=[1, batch])
-        for jit in (False, True):
-            cases = {"dense relu": _stack(dense, x, jit)}
+        x = normal([batch, args.width], 100 + batch)
+        for mode in backends.MODES:
+            cases = {"dense relu": _stack(dense, x, mode)}
             for path, layers in paths.items():
-                cases[f"top-{args.k} {path}"] = _stack(layers, x, jit)
-            mode = "jit_compile" if jit else "tf.function"
+                cases[f"top-{args.k} {path}"] = _stack(layers, x, mode)
             # Calls of few tokens take a few milliseconds: more repeats.
             repeats = args.repeats * max(1, 16 // batch)
             rows += [{"batch": batch, "mode": mode, **row} for row in
@@ -176,11 +164,10 @@ def main():
     parser.add_argument("--methods", nargs="+",
                         default=["exact", "approx", "statistical"])
     parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--json", default="benchmarks/topk_mlp.json")
+    parser.add_argument("--json", default=backends.json_path("topk_mlp"))
     args = parser.parse_args()
 
-    result = {"args": vars(args), "tensorflow": tf.__version__,
-              "cpu_count": os.cpu_count()}
+    result = {"args": vars(args), **backends.record()}
     result["training"] = training_table(args)
     columns = ["min_ms", "median_ms", "ratio"]
     print_table(f"Training step (fwd+bwd), {args.tokens} tokens, "

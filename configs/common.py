@@ -55,7 +55,7 @@ def base_config():
     # "mirrored" on a host without GPUs: split the CPU into this many
     # logical devices (None: as configured, one).
     config.num_cpu_devices = config_dict.placeholder(int)
-    config.jit_compile = True
+    config.jit_compile = True  # False: TensorFlow without XLA; JAX compiles
     config.mixed_precision = "float32"  # "mixed_bfloat16" on TPU
     config.steps_per_execution = 1
 

@@ -55,25 +55,12 @@ def compiled(f, mode):
 def compiled_with_state(f, variables, mode):
     """`f` (which reads and assigns Keras `variables`: metric updates) run
     as `mode` says. Under `jax.jit` the variables' values go into the trace
-    and their updates come out of it (a `keras.StatelessScope`, as Keras's
-    own JAX trainer does), and are assigned after the call."""
+    and their updates come out of it (`topk_sparse.backend.jax.jit_over`,
+    as Keras's own JAX trainer does), and are assigned after the call."""
     if mode == "eager" or BACKEND != "jax":
         return compiled(f, mode)
-
-    def pure(values, *args):
-        with keras.StatelessScope(
-                state_mapping=list(zip(variables, values))) as scope:
-            out = f(*args)
-        return out, [scope.get_current_value(v) for v in variables]
-
-    jitted = compiled(pure, mode)
-
-    def run(*args):
-        out, values = jitted([v.value for v in variables], *args)
-        for variable, value in zip(variables, values):
-            variable.assign(value)
-        return out
-    return run
+    from topk_sparse.backend.jax import jit_over
+    return jit_over(f, variables)
 
 
 def compiled_call(layer, mode):

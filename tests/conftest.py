@@ -11,20 +11,26 @@ if "xla_force_host_platform_device_count" not in os.environ.get(
 
 import keras  # noqa: E402
 
-# Modules written against tests/backend.py, numpy and keras.ops: they run
-# under every backend (KERAS_BACKEND=jax too). The others test what is
-# TensorFlow's (tf.data, tf.distribute, TensorBoard, the trainers) or have
-# not been ported yet; they run under the TensorFlow backend.
+# Modules written against tests/backend.py, numpy and keras.ops (and
+# TensorBoard's event files): they run under every backend
+# (KERAS_BACKEND=jax too). The others test what is TensorFlow's (tf.data,
+# tf.distribute, the trainers on TensorFlow, Model Garden) or spawn both
+# backends themselves; they run under the TensorFlow backend.
 BACKEND_NEUTRAL = ("test_ops.py", "test_sparsity.py", "test_layers.py",
                    "test_layer_checks.py", "test_layer_training.py",
                    "test_models.py", "test_generate.py",
-                   "test_docstrings.py", "test_scoring.py")
+                   "test_docstrings.py", "test_scoring.py",
+                   "test_callbacks.py")
+
+# What exists on JAX only: the trainers through keras.distribution (their
+# TensorFlow runs are test_training.py's).
+JAX_ONLY = ("test_training_jax.py",)
 
 if keras.config.backend() == "tensorflow":
     import tests.devices  # noqa: F401
-    collect_ignore = []
+    collect_ignore = list(JAX_ONLY)
 else:
     collect_ignore = sorted(
         name for name in os.listdir(os.path.dirname(__file__))
         if name.startswith("test_") and name.endswith(".py")
-        and name not in BACKEND_NEUTRAL)
+        and name not in BACKEND_NEUTRAL + JAX_ONLY)

@@ -18,25 +18,33 @@ from topk_sparse import training
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _run(args, cwd=ROOT):
+def _run(args, cwd=ROOT, backend="tensorflow"):
     subprocess.run([sys.executable, *args], cwd=cwd, check=True,
-                   capture_output=True, timeout=600)
+                   capture_output=True, timeout=600,
+                   env={**os.environ, "KERAS_BACKEND": backend})
+
+
+# The compiled modes of each backend (benchmarks/backends.py).
+MODES = {"tensorflow": ("tf.function", "jit_compile"), "jax": ("jax.jit",)}
 
 
 @pytest.mark.slow
-def test_topk_mlp(tmp_path):
+@pytest.mark.parametrize("backend", list(MODES))
+def test_topk_mlp(tmp_path, backend):
     out = tmp_path / "mlp.json"
     _run(["benchmarks/topk_mlp.py", "--width=16", "--mlp_dim=64", "--k=4",
           "--tokens=32", "--batches", "1", "32", "--repeats=2",
-          "--layers=2", "--rank=8", "--candidates=8", f"--json={out}"])
+          "--layers=2", "--rank=8", "--candidates=8", f"--json={out}"],
+         backend=backend)
     result = json.loads(out.read_text())
+    assert result["backend"] == backend and result[backend]
+    modes = MODES[backend]
     training = {(r["mode"], r["case"]) for r in result["training"]}
-    assert training == {(mode, case) for mode in ("tf.function", "jit_compile")
+    assert training == {(mode, case) for mode in modes
                         for case in ("dense relu", "top-4 exact",
                                      "top-4 approx", "top-4 statistical")}
     assert {(r["batch"], r["mode"], r["case"]) for r in result["inference"]} \
-        == {(batch, mode, case) for batch in (1, 32)
-            for mode in ("tf.function", "jit_compile")
+        == {(batch, mode, case) for batch in (1, 32) for mode in modes
             for case in ("dense relu", "top-4 masked", "top-4 gather",
                          "top-4 two-stage")}
     for row in result["training"] + result["inference"]:
@@ -106,13 +114,17 @@ def test_vit_train(tmp_path):
 
 
 @pytest.mark.slow
-def test_decode_benchmark_on_tiny_shapes(tmp_path):
+@pytest.mark.parametrize("backend", list(MODES))
+def test_decode_benchmark_on_tiny_shapes(tmp_path, backend):
     out = tmp_path / "decode.json"
+    mode = MODES[backend][0]
     _run(["benchmarks/decode.py", "--variants", "tiny", "--vocab_size=64",
           "--k=8", "--rank=8", "--candidates=16", "--source_length=6",
-          "--max_length=3", "--batches", "1", "--modes", "tf.function",
-          "--repeats=1", "--calibration_batches=2", f"--json={out}"])
+          "--max_length=3", "--batches", "1", "--modes", mode,
+          "--repeats=1", "--calibration_batches=2", "--profile",
+          f"--json={out}"], backend=backend)
     result = json.loads(out.read_text())
+    assert result["backend"] == backend
     cases = ("dense", "top-8 masked", "top-8 default", "top-8 two-stage")
     assert [(r["batch"], r["case"]) for r in result["rows"]] == [
         (1, case) for case in cases]
@@ -120,7 +132,7 @@ def test_decode_benchmark_on_tiny_shapes(tmp_path):
     assert probe["variant"] == "tiny" and probe["weights_mb"] > 0
     assert 0 < probe["two_stage_recall"] <= 1
     for row in result["rows"]:
-        assert row["variant"] == "tiny" and row["mode"] == "tf.function"
+        assert row["variant"] == "tiny" and row["mode"] == mode
         assert row["tokens_per_s"] > 0 and row["encode_ms"] > 0
         assert row["probe_ms"] > 0 and np.isfinite(row["step_over_probe"])
         if row["case"] == "dense":

@@ -1,6 +1,7 @@
 """SparsityCallback and CalibrationCallback, checked by reading the event
 files back: tags, steps (= optimizer iterations) and values against the
-layers' metrics and a numpy ECE of the model's own predictions."""
+layers' metrics and a numpy ECE of the model's own predictions. Run under
+both backends (TensorBoard files are TensorFlow's to write on either)."""
 
 
 import keras
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tests.devices import mirrored_strategy
+from tests import backend
 from tests.events import read_events
 from topk_sparse import SparseMLP, TopKActivation
 from topk_sparse.callbacks import CalibrationCallback, SparsityCallback
@@ -224,10 +225,7 @@ def test_both_callbacks_jit_compile(tmp_path):
     check_calibration(events, plugins, history, model, x_val, y_val, step=6)
 
 
-def test_both_callbacks_mirrored_strategy(tmp_path):
-    strategy = mirrored_strategy()
-    with strategy.scope():
-        model = make_model(jit_compile=False)
+def test_both_callbacks_data_parallel(tmp_path):
     x, y = data(N_TRAIN, 0)
     x_val, y_val = data(11, 3)
     callbacks = [
@@ -235,8 +233,11 @@ def test_both_callbacks_mirrored_strategy(tmp_path):
         CalibrationCallback(tmp_path / "calibration", (x_val, y_val),
                             freq=2, batch_size=4),
     ]
-    history = model.fit(x, y, batch_size=BATCH, epochs=2, verbose=0,
-                        callbacks=callbacks).history
+    # MirroredStrategy (XLA off: CPU devices) or keras.distribution.
+    with backend.data_parallel():
+        model = make_model(jit_compile=backend.BACKEND == "jax")
+        history = model.fit(x, y, batch_size=BATCH, epochs=2, verbose=0,
+                            callbacks=callbacks).history
     # Both replicas' tokens (the sum variables, read outside a replica), and
     # none from the calibration pass.
     for path in LAYERS:

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 import trainers
-from tests.test_training import load_config, run_python
+from tests.runs import load_config, run_python
 from topk_sparse import SparseMLP, checkpoint, checks, training
 
 # What may differ between a killed-and-resumed run and an uninterrupted one.
@@ -166,15 +166,20 @@ def test_bad_schedule_values_fail_before_anything_is_written(tmp_path, key,
 
 
 @pytest.mark.slow
-def test_a_killed_run_resumes_to_the_same_report(tmp_path):
+@pytest.mark.parametrize("backend", ["tensorflow", "jax"])
+def test_a_killed_run_resumes_to_the_same_report(tmp_path, backend):
     """SIGKILL after the first backups; the resumed run's report equals an
-    uninterrupted run's, history and metrics bit for bit."""
+    uninterrupted run's, history and metrics bit for bit, on each
+    backend (JAX: data parallel over two CPU devices)."""
     args = ["-m", "trainers.vit", "--config=configs/vit_digits.py:runlocal",
             "--config.epochs=12", "--config.eval.corruptions=()"]
-    straight = run_python([*args, f"--workdir={tmp_path / 'straight'}"])
+    if backend == "jax":
+        args += ["--config.strategy=mirrored", "--config.num_cpu_devices=2"]
+    straight = run_python([*args, f"--workdir={tmp_path / 'straight'}"],
+                          backend)
 
     workdir = str(tmp_path / "killed")
-    first = run_python([*args, f"--workdir={workdir}"])
+    first = run_python([*args, f"--workdir={workdir}"], backend)
     backup = os.path.join(workdir, "backup", checkpoint.PREVIOUS)
     deadline = time.time() + 180
     while time.time() < deadline and first.poll() is None \
@@ -186,7 +191,7 @@ def test_a_killed_run_resumes_to_the_same_report(tmp_path):
     first.communicate()
     assert not os.path.exists(os.path.join(workdir, "report.json"))
 
-    second = run_python([*args, f"--workdir={workdir}"])
+    second = run_python([*args, f"--workdir={workdir}"], backend)
     output = second.communicate(timeout=300)[0]
     assert second.returncode == 0, output
     assert "Resumed from epoch" in output
@@ -200,10 +205,30 @@ def test_a_killed_run_resumes_to_the_same_report(tmp_path):
     assert resumed == report(tmp_path / "straight")
     assert len(resumed["history"]["loss"]) == 12
     assert resumed["train_steps"] == 12 * 3
+    assert resumed["backend"] == backend
 
 
 @pytest.mark.slow
-def test_config_errors_are_one_line(tmp_path):
+@pytest.mark.xdist_group("finished")
+def test_a_backup_resumes_on_its_own_backend_only(finished):
+    workdir, _ = finished  # trained on TensorFlow
+    before = read(os.path.join(workdir, "report.json"))
+    process = run_python(["-m", "trainers.vit",
+                          "--config=configs/vit_digits.py:runlocal",
+                          "--config.eval.corruptions=()", "--config.verbose=0",
+                          f"--workdir={workdir}"], backend="jax")
+    output = process.communicate(timeout=300)[0]
+    assert process.returncode == 1, output
+    assert output.strip().splitlines()[-1] == (
+        f"FATAL config error: The backup in {workdir}/backup was written "
+        f"under KERAS_BACKEND=tensorflow, this process runs jax: resume it "
+        f"with KERAS_BACKEND=tensorflow, or use another --workdir.")
+    assert read(os.path.join(workdir, "report.json")) == before
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["tensorflow", "jax"])
+def test_config_errors_are_one_line(tmp_path, backend):
     for i, (flags, expected) in enumerate([
             (["--config.model.k=999"], "FATAL config error: config.model: "
                                        "k=999 is larger"),
@@ -215,7 +240,7 @@ def test_config_errors_are_one_line(tmp_path):
                                            "such file. Configs here: ")]):
         # A workdir each: a config error at build time leaves config.json.
         process = run_python(["-m", "trainers.vit", *flags,
-                              f"--workdir={tmp_path / str(i)}"])
+                              f"--workdir={tmp_path / str(i)}"], backend)
         output = process.communicate(timeout=120)[0]
         assert process.returncode == 1, output
         assert "Traceback" not in output and expected in output, output

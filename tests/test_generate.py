@@ -146,6 +146,24 @@ def test_cached_decoding_gathers_by_the_auto_rule(weights, source,
     assert not gathered
 
 
+def test_one_k_per_mlp_decodes_alike_and_gathers_per_layer(
+        weights, source, monkeypatch):
+    # Encoder 16 and 32, decoder 8 and 32: at batch 2 the first decoder
+    # MLP reads 2 x 8 rows of 256 (gathered), the second 2 x 32 (masked).
+    ks = [16, 32, 8, 32]
+    tokens = {implementation: numpy(_t5(
+        weights, k=ks, method="exact", implementation=implementation)
+        .generate(source[:2], LENGTH))
+        for implementation in ("masked", "gather")}
+    _check_varied(tokens["masked"])
+    np.testing.assert_array_equal(tokens["gather"], tokens["masked"])
+    model = _t5(weights, k=ks, method="exact")
+    gathered = _count_calls(monkeypatch, ops, "sparse_mlp_product")
+    np.testing.assert_array_equal(
+        numpy(model.generate(source[:2], LENGTH)), tokens["masked"])
+    assert len(gathered) == 1 * BODY_RUNS
+
+
 def test_block_decode_matches_its_causal_call():
     block = TransformerBlock(num_heads=2, mlp_dim=32, k=4, norm="rms",
                              use_bias=False, causal=True,

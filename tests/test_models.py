@@ -296,6 +296,49 @@ def test_t5_variants_match_the_paper():
                                         mlp_dim=4096)
 
 
+# One k per MLP ---------------------------------------------------------------
+
+@pytest.mark.parametrize("k", [
+    [4, None], (4, None),
+    {"encoder_block_1_mlp": None, "encoder_block_0_mlp": 4}])
+def test_vit_takes_one_k_per_mlp(k, tmp_path):
+    model = _vit(k=k)
+    assert [m.k for m in model.sparse_mlps().values()] == [4, None]
+    images, _ = _images(4)
+    model(images)
+    fractions = [float(m.nonzero_fraction.result())
+                 for m in model.sparse_mlps().values()]
+    assert 0 < fractions[0] <= 4 / 128 < 0.25 < fractions[1]
+    loaded = _check_round_trip(model, images, tmp_path)
+    assert [m.k for m in loaded.sparse_mlps().values()] == [4, None]
+
+
+def test_t5_takes_one_k_per_mlp_encoder_then_decoder():
+    ks = [8, 16, 32, None]
+    model = _t5(k=ks)
+    assert {name: mlp.k for name, mlp in model.sparse_mlps().items()} == {
+        "encoder_block_0_mlp": 8, "encoder_block_1_mlp": 16,
+        "decoder_block_0_mlp": 32, "decoder_block_1_mlp": None}
+    same = _t5(k=dict(zip(model.sparse_mlps(), ks)))
+    assert same.get_config()["k"] != model.get_config()["k"]
+    assert [m.k for m in same.sparse_mlps().values()] == ks
+
+
+@pytest.mark.parametrize("k, match", [
+    ([4], r"k has 1 values for 2 MLPs: give one per MLP, in layer order: "
+          r"encoder_block_0_mlp, encoder_block_1_mlp\.$"),
+    ({"encoder_block_0_mlp": 4, "block_1_mlp": 4},
+     r"k names no MLP \['block_1_mlp'\]: .* by layer name: "
+     r"encoder_block_0_mlp, encoder_block_1_mlp\.$"),
+    ({"encoder_block_0_mlp": 4}, r"k misses \['encoder_block_1_mlp'\]"),
+    ([4, 129], "larger than"),
+])
+def test_a_bad_k_per_mlp_is_one_line_naming_the_mlps(k, match):
+    with pytest.raises(ValueError, match=match) as error:
+        _vit(k=k)
+    assert "\n" not in str(error.value)
+
+
 # Arguments ------------------------------------------------------------------
 
 @pytest.mark.parametrize("make,match", [

@@ -84,6 +84,9 @@ vit.save(sys.argv[1])
 keras.saving.load_model(sys.argv[1])
 with pytest.raises(ImportError, match="SparsityCallback needs TensorFlow"):
     topk_sparse.SparsityCallback
+import trainers  # their data and TensorBoard logs need TensorFlow
+with pytest.raises(SystemExit, match="install TensorFlow beside JAX"):
+    trainers.import_tensorflow()
 """
 
 
@@ -92,7 +95,7 @@ def test_jax_alone_runs_layers_models_fit_generate_and_saving(tmp_path):
     models train, decode, save and load; what needs TensorFlow says so."""
     subprocess.run([sys.executable, "-c", _WITHOUT_TENSORFLOW,
                     str(tmp_path / "vit.keras")], check=True, timeout=300,
-                   env={**os.environ, "KERAS_BACKEND": "jax"})
+                   cwd=ROOT, env={**os.environ, "KERAS_BACKEND": "jax"})
 
 
 def test_modules_that_import_tensorflow_load_on_first_use():

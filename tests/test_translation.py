@@ -13,7 +13,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from tests.mock_tfds import mocked_tfds
-from tests.test_training import CONFIGS, load_config
+from tests.runs import CONFIGS, load_config
 from topk_sparse import data, training
 from topk_sparse.data import text
 

@@ -48,7 +48,7 @@ import numpy as np
 from tensorboard.plugins.histogram import metadata as histogram_metadata
 import tensorflow as tf
 
-from topk_sparse import checks, sparsity
+from topk_sparse import backend, checks, sparsity
 from topk_sparse.calibration import (BrierScore, ExpectedCalibrationError,
                                      NegativeLogLikelihood,
                                      reliability_diagram_image)
@@ -330,8 +330,9 @@ class CalibrationCallback(_SummaryCallback):
     """Writes the model's calibration on held-out data every `freq` epochs.
 
     At the end of every `freq`-th epoch the model runs over
-    `validation_data` (with `training=False`, through the model's distribution
-    strategy, compiled with XLA when the model is) and
+    `validation_data` (with `training=False`; on TensorFlow through the
+    model's distribution strategy, compiled with XLA when the model is; on
+    JAX under `jax.jit`) and
     `calibration/expected_calibration_error`,
     `calibration/negative_log_likelihood`, `calibration/brier_score`,
     `calibration/accuracy` (top-1) and the image
@@ -417,6 +418,9 @@ class CalibrationCallback(_SummaryCallback):
         """Metrics and step function, once per model."""
         if self._built_for is self.model:
             return
+        if keras.config.backend() == "jax":
+            self._build_jax()
+            return
         model = self.model
         strategy = model.distribute_strategy
         # Under the model's strategy the metric sums become SyncOnRead
@@ -458,4 +462,29 @@ class CalibrationCallback(_SummaryCallback):
         self._step_function = step_function
         self._distributed_dataset = strategy.experimental_distribute_dataset(
             self._dataset)
+        self._built_for = model
+
+    def _build_jax(self):
+        """The JAX step: the model compiled by `jax.jit` over its
+        variables, wherever `keras.distribution` placed them
+        (`backend.compiled`), the metrics updated on its outputs; the
+        layers' counts it adds are put back (`sparsity.metrics_restored`)."""
+        model = self.model
+        self._metrics = [
+            ExpectedCalibrationError(self.num_bins, self.from_logits),
+            NegativeLogLikelihood(self.from_logits),
+            BrierScore(self.from_logits),
+        ]
+        predict = backend.compiled(lambda x: model(x, training=False), model)
+        metrics = self._metrics
+
+        def step_function(batch):
+            x, y, sample_weight = (*(np.asarray(b) for b in batch), None)[:3]
+            with sparsity.metrics_restored(model):
+                y_pred = predict(x)
+            for metric in metrics:
+                metric.update_state(y, y_pred, sample_weight=sample_weight)
+
+        self._step_function = step_function
+        self._distributed_dataset = self._dataset
         self._built_for = model

@@ -8,8 +8,10 @@ so that its parts cannot disagree:
   `optimizer.iterations // steps_per_epoch`, never stored apart;
 - the model's other state: the dropout seed generators, so that a resumed
   run draws the masks an uninterrupted one would;
-- the run's progress: the per-epoch `fit` history and the training time
-  spent so far (JSON in an HDF5 attribute).
+- the run's progress: the per-epoch `fit` history, the training time
+  spent so far and the Keras backend that trained it (JSON in an HDF5
+  attribute): a run resumes on its own backend only (`check_backend`),
+  since the backends' float kernels and dropout masks differ.
 
 A backup is written under a temporary name and renamed into place; the one
 it replaces is kept as `previous.weights.h5` until the next backup. So a
@@ -28,6 +30,8 @@ import h5py
 import keras
 import numpy as np
 import tensorflow as tf
+
+from topk_sparse import checks
 
 LATEST = "state.weights.h5"
 PREVIOUS = "previous.weights.h5"
@@ -107,6 +111,19 @@ def restore(model, directory):
     return progress
 
 
+def check_backend(progress, directory):
+    """Raises if the backup's `progress` (what `restore` returned) was
+    written under another Keras backend: resumed there, the run would not
+    give the report of an uninterrupted one."""
+    # Backups from before the backend was recorded are TensorFlow's.
+    written = (progress or {}).get("backend", "tensorflow")
+    if progress is not None and written != keras.config.backend():
+        raise checks.ConfigError(
+            f"The backup in {directory} was written under KERAS_BACKEND="
+            f"{written}, this process runs {keras.config.backend()}: resume "
+            f"it with KERAS_BACKEND={written}, or use another --workdir.")
+
+
 class Backup(keras.callbacks.Callback):
     """Saves the training state after every epoch (`save`), with the run's
     history so far; `restore` gives it back.
@@ -136,4 +153,5 @@ class Backup(keras.callbacks.Callback):
         self.train_time_s += now - self._since
         self._since = now
         save(self.model, self.directory,
-             {"history": self.history, "train_time_s": self.train_time_s})
+             {"history": self.history, "train_time_s": self.train_time_s,
+              "backend": keras.config.backend()})

@@ -1,4 +1,6 @@
-"""One place that picks the `tf.distribute` strategy.
+"""One place that picks how a run is distributed, on either Keras backend.
+
+On TensorFlow, a `tf.distribute` strategy:
 
 - `"tpu"`: `TPUStrategy` over a TPU VM's chips (`tpu="local"`), a named
   Cloud TPU or a `grpc://` address (TPU Node, Colab's old TPU runtime), a
@@ -10,13 +12,23 @@
 - `"auto"`: a TPU if one answers, else `"mirrored"` with more than one GPU,
   else the default strategy.
 
+On JAX, the same names mean the same devices through `keras.distribution`
+(a `KerasDistribution`: data parallel, the batch split over the devices,
+the weights replicated): `"tpu"` the TPU chips JAX sees, `"mirrored"` every
+GPU of the host or its logical CPU devices, `"cpu"` one device, `"auto"`
+TPU chips, else more than one GPU, else one device. A multi-host TPU slice
+on JAX needs `keras.distribution.initialize()` before the run; `tpu` names
+a TPU for TensorFlow's resolver only.
+
 Keras 3 does not support `MultiWorkerMirroredStrategy` (keras-team/keras
 #20585): multi-host training here means a TPU slice or pod.
 """
 
+import contextlib
 import logging as pylogging
 
 from absl import logging
+import keras
 import tensorflow as tf
 
 from topk_sparse import checks
@@ -39,7 +51,8 @@ _STRATEGIES = {}
 
 
 def get_strategy(name="auto", tpu="local", num_cpu_devices=None):
-    """Returns the `tf.distribute.Strategy` named `name`.
+    """Returns the `tf.distribute.Strategy` named `name`, or on the JAX
+    backend the `KerasDistribution` of the same devices.
 
     Args:
       name: str. One of `STRATEGIES`: `"auto"`, `"tpu"`, `"mirrored"` or
@@ -49,8 +62,8 @@ def get_strategy(name="auto", tpu="local", num_cpu_devices=None):
         to `"local"`.
       num_cpu_devices: int or None. For `"mirrored"` on a host without GPUs:
         split the CPU into this many logical devices, which must happen
-        before TensorFlow first runs an op. None uses the logical CPU devices
-        already configured.
+        before TensorFlow (or JAX) first runs an op. None uses the logical
+        CPU devices already configured.
 
     Returns:
       A strategy; the same object for the same request within one process.
@@ -63,6 +76,8 @@ def get_strategy(name="auto", tpu="local", num_cpu_devices=None):
     if name not in STRATEGIES:
         raise ValueError(
             f"Unknown strategy {name!r}: choose one of {STRATEGIES}.")
+    if keras.config.backend() == "jax":
+        return _keras_distribution(name, tpu, num_cpu_devices)
     if name == "cpu":
         return tf.distribute.get_strategy()
     if name == "tpu":
@@ -92,6 +107,52 @@ def get_strategy(name="auto", tpu="local", num_cpu_devices=None):
     return tf.distribute.get_strategy()
 
 
+class KerasDistribution:
+    """A `keras.distribution` as the trainer uses a strategy: `scope()`
+    (build the model, fit and evaluate inside) and `num_replicas_in_sync`.
+
+    Args:
+      distribution: `keras.distribution.DataParallel` or None (one device:
+        nothing is distributed).
+    """
+
+    def __init__(self, distribution):
+        self.distribution = distribution
+
+    @property
+    def num_replicas_in_sync(self):
+        if self.distribution is None:
+            return 1
+        return self.distribution.device_mesh.devices.size
+
+    @property
+    def name(self):
+        return type(self.distribution).__name__ if self.distribution \
+            else "OneDevice"
+
+    def scope(self):
+        if self.distribution is None:
+            return contextlib.nullcontext()
+        return self.distribution.scope()
+
+
+def name_of(strategy):
+    """The strategy's name in reports: `MirroredStrategy`, `TPUStrategy`,
+    `DefaultDistributionStrategy`; `DataParallel` or `OneDevice` on JAX."""
+    if isinstance(strategy, KerasDistribution):
+        return strategy.name
+    return type(strategy).__name__.lstrip("_")
+
+
+def running(strategy):
+    """The context `fit` and `evaluate` run in: the distribution on JAX
+    (Keras's JAX trainer splits each batch by it); none on TensorFlow,
+    whose trainer enters the model's strategy itself."""
+    if isinstance(strategy, KerasDistribution):
+        return strategy.scope()
+    return contextlib.nullcontext()
+
+
 def per_replica_batch(global_batch, strategy):
     """`global_batch // replicas`, raising if it does not divide evenly.
 
@@ -107,6 +168,42 @@ def per_replica_batch(global_batch, strategy):
             f"{type(strategy).__name__}: try "
             f"{max(replicas, global_batch // replicas * replicas)}.")
     return global_batch // replicas
+
+
+def _keras_distribution(name, tpu, num_cpu_devices):
+    import jax
+
+    if tpu != "local":
+        raise ValueError(
+            f"tpu={tpu!r} names a TPU for TensorFlow's resolver; on JAX the "
+            f"TPU is the one jax.devices() shows: leave tpu='local'.")
+    if name == "mirrored" and num_cpu_devices is not None:
+        num_cpu_devices = checks.positive_int(num_cpu_devices,
+                                              "num_cpu_devices")
+        try:
+            jax.config.update("jax_num_cpu_devices", num_cpu_devices)
+        except RuntimeError as e:
+            if len(jax.devices("cpu")) != num_cpu_devices:
+                raise RuntimeError(
+                    f"Cannot split the CPU into {num_cpu_devices} devices: "
+                    f"JAX already runs with {len(jax.devices('cpu'))}. Call "
+                    f"get_strategy() before any JAX op runs.") from e
+    platform = jax.default_backend()
+    if name == "tpu" and platform != "tpu":
+        raise RuntimeError(
+            f"No TPU found: JAX computes on {platform} "
+            f"({jax.device_count()} devices). Run on a TPU VM, or use "
+            f"another strategy from {STRATEGIES}.")
+    devices = jax.devices()
+    if name == "cpu" or len(devices) == 1 or (
+            name == "auto" and platform not in ("tpu", "gpu")):
+        devices = devices[:1]
+    key = ("jax", tuple(d.id for d in devices))
+    if key not in _STRATEGIES:
+        _STRATEGIES[key] = KerasDistribution(
+            keras.distribution.DataParallel(devices=devices)
+            if len(devices) > 1 else None)
+    return _STRATEGIES[key]
 
 
 def _tpu_strategy(tpu):

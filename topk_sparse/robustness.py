@@ -22,8 +22,10 @@ a corruption's "mean" averages its severities and the top-level "mean"
 averages every corruption and severity (mean corruption accuracy, the
 usual CIFAR-10-C summary).
 
-The model runs in one `tf.function` (the corruption is chosen inside it by
-`tf.switch_case`, so the model is traced once, not once per corruption).
+The corruptions run in one `tf.function` (chosen inside it by
+`tf.switch_case`, so it is traced once, not once per corruption), the
+model on its Keras backend (`topk_sparse.backend.compiled`): TensorFlow or
+JAX.
 Every pass calls the model, which updates the activation-sparsity metrics
 of its `SparseMLP` / `TopKActivation` layers; their state is restored
 afterwards (`sparsity.metrics_restored`), so a `SparsityCallback` or `fit`
@@ -34,7 +36,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from topk_sparse import checks, sparsity
+from topk_sparse import backend, checks, sparsity
 from topk_sparse.calibration import ExpectedCalibrationError
 from topk_sparse.data import corruptions as corruptions_lib
 from topk_sparse.data import images as images_lib
@@ -73,36 +75,34 @@ def check_arguments(corruptions, severities):
 
 class _Scorer:
     """Accuracy and ECE of `model` on a dataset seen through one of
-    `transforms` (`fn(images, seed) -> images`), in one `tf.function`."""
+    `transforms` (`fn(images, seed) -> images`): the transform in one
+    `tf.function`, the model compiled on its backend."""
 
     def __init__(self, model, transforms, num_bins, seed):
-        self.model = model
         self.transforms = transforms
         self.seed = seed
         self.accuracy = keras.metrics.SparseCategoricalAccuracy()
         self.ece = ExpectedCalibrationError(num_bins, from_logits=True)
-        self._step = None
+        self._predict = backend.compiled(
+            lambda images: model(images, training=False), model)
+        self._transform = None
 
-    def _compile(self, images, labels):
-        """Traces `_update` once, for any batch size (tracing all the
+    def _compile(self, images):
+        """Traces `_corrupt` once, for any batch size (tracing all the
         corruption branches takes seconds)."""
-        def spec(x):
-            x = tf.convert_to_tensor(x)
-            return tf.TensorSpec([None, *x.shape[1:]], x.dtype)
+        images = tf.convert_to_tensor(images)
+        spec = tf.TensorSpec([None, *images.shape[1:]], images.dtype)
         scalar = tf.TensorSpec([], tf.int32)
         # No AutoGraph: there is no Python control flow on tensors to convert.
-        self._step = tf.function(
-            self._update, autograph=False,
-            input_signature=[spec(images), spec(labels), scalar, scalar])
+        self._transform = tf.function(
+            self._corrupt, autograph=False,
+            input_signature=[spec, scalar, scalar])
 
-    def _update(self, images, labels, transform, batch_index):
+    def _corrupt(self, images, transform, batch_index):
         seed = tf.stack([tf.constant(self.seed, tf.int64),
                          tf.cast(batch_index, tf.int64)])
-        images = tf.switch_case(transform, [
+        return tf.switch_case(transform, [
             lambda fn=fn: fn(images, seed) for fn in self.transforms])
-        logits = self.model(images, training=False)
-        self.accuracy.update_state(labels, logits)
-        self.ece.update_state(labels, logits)
 
     def __call__(self, dataset, transform=0):
         self.accuracy.reset_state()
@@ -116,10 +116,13 @@ class _Scorer:
                 raise ValueError(
                     f"The dataset must yield (images, labels) batches, got a "
                     f"{kind}.")
-            if self._step is None:
-                self._compile(*batch)
-            self._step(batch[0], batch[1], tf.constant(transform),
-                       tf.constant(batches))
+            images, labels = batch
+            if self._transform is None:
+                self._compile(images)
+            logits = self._predict(np.asarray(self._transform(
+                images, tf.constant(transform), tf.constant(batches))))
+            self.accuracy.update_state(np.asarray(labels), logits)
+            self.ece.update_state(np.asarray(labels), logits)
             batches += 1
         if not batches:
             raise ValueError("The dataset yielded no batches.")

@@ -118,7 +118,8 @@ def train(config, workdir, strategy=None):
                 model = spec.build(model_kwargs, registry.DataSpec(
                     train_data.element_spec, data.features(config.data)))
             if not model.built:  # checkpoint.restore needs the variables
-                model(next(iter(train_data))[0])
+                model(keras.tree.map_structure(
+                    np.asarray, next(iter(train_data))[0]))
             model.compile(
                 optimizer=optimizers.make(config.optimizer, total_steps),
                 loss=spec.loss(), **spec.metrics(), jit_compile=jit_compile,
@@ -135,6 +136,7 @@ def train(config, workdir, strategy=None):
         # === Backup ===
         backup_dir = os.path.join(workdir, "backup")
         progress = checkpoint.restore(model, backup_dir)
+        checkpoint.check_backend(progress, backup_dir)
         if progress is None and tf.io.gfile.exists(
                 os.path.join(workdir, "report.json")):
             raise RuntimeError(
@@ -166,34 +168,35 @@ def train(config, workdir, strategy=None):
             backup,
         ]
 
-        # === Fit ===
-        # The seeded stream from the step reached: the batches an
-        # uninterrupted run would see (the skipped ones are read, not
-        # trained on).
-        history = model.fit(
-            train_data.skip(run.step()), epochs=config.epochs,
-            initial_epoch=initial_epoch, steps_per_epoch=steps_per_epoch,
-            validation_data=eval_data if config.eval.every_epochs else None,
-            validation_freq=config.eval.every_epochs or 1,
-            callbacks=fit_callbacks, verbose=config.verbose,
-            shuffle=False)  # the input pipeline shuffles
+        # === Fit and evaluate: on JAX, in keras.distribution's scope ===
+        with distribute.running(strategy):
+            # The seeded stream from the step reached: the batches an
+            # uninterrupted run would see (the skipped ones are read, not
+            # trained on).
+            history = model.fit(
+                train_data.skip(run.step()), epochs=config.epochs,
+                initial_epoch=initial_epoch, steps_per_epoch=steps_per_epoch,
+                validation_data=eval_data if config.eval.every_epochs
+                else None, validation_freq=config.eval.every_epochs or 1,
+                callbacks=fit_callbacks, verbose=config.verbose,
+                shuffle=False)  # the input pipeline shuffles
 
-        # === Evaluate ===
-        metrics = model.evaluate(eval_data, return_dict=True, verbose=0)
-        sparsity = callbacks.sparse_layers(model)
-        nonzero = {path: float(m.result()) for path, m in sparsity.items()}
-        dead = {path: float(m.dead_fraction()) for path, m in sparsity.items()}
-        widths = {path: m.mlp_dim for path, m in sparsity.items()}
-        # Each evaluation leaves the layers' sparsity metrics as evaluate
-        # left them (sparsity.metrics_restored).
-        evaluated = {}
-        for evaluator in evaluators.values():
-            if evaluator.evaluate:
-                for key, value in evaluator.evaluate(run).items():
-                    if key == "eval":
-                        metrics.update(value)
-                    else:
-                        evaluated[key] = value
+            # === Evaluate ===
+            metrics = model.evaluate(eval_data, return_dict=True, verbose=0)
+            layers = callbacks.sparse_layers(model).items()
+            nonzero = {path: float(m.result()) for path, m in layers}
+            dead = {path: float(m.dead_fraction()) for path, m in layers}
+            widths = {path: m.mlp_dim for path, m in layers}
+            # Each evaluation leaves the layers' sparsity metrics as evaluate
+            # left them (sparsity.metrics_restored).
+            evaluated = {}
+            for evaluator in evaluators.values():
+                if evaluator.evaluate:
+                    for key, value in evaluator.evaluate(run).items():
+                        if key == "eval":
+                            metrics.update(value)
+                        else:
+                            evaluated[key] = value
     finally:
         keras.mixed_precision.set_global_policy(previous_policy)
 
@@ -204,9 +207,12 @@ def train(config, workdir, strategy=None):
         # Share of training labels replaced by a uniformly drawn class.
         "label_noise": float(config.data.get("label_noise", 0.0)),
         "k": config.model.get("k"),
-        # Each sparse layer's hidden width: k / mlp_dim is Top-k's share.
+        # Each sparse layer's hidden width and k: k / mlp_dim is Top-k's
+        # share (k None: dense).
         "mlp_dim": widths,
-        "strategy": type(strategy).__name__.lstrip("_"),
+        "mlp_k": {name: mlp.k for name, mlp in model.sparse_mlps().items()},
+        "backend": keras.config.backend(),
+        "strategy": distribute.name_of(strategy),
         "replicas": strategy.num_replicas_in_sync,
         "jit_compile": jit_compile,
         "num_params": model.count_params(),
@@ -340,11 +346,17 @@ def _evaluators(config, spec):
 
 
 def _jit_compile(requested, strategy):
-    """`requested`, except under MirroredStrategy over CPU devices.
+    """`requested`, except where one of its two modes does not exist.
 
-    There XLA fails on variables placed on another logical device (an XLA
-    known issue, seen here with Keras 3.15 / TensorFlow 2.20).
+    `jit_compile=False` is TensorFlow's graph mode without XLA. JAX has no
+    such mode (its other one runs the step eagerly, op by op, many times
+    slower): on JAX the steps are compiled whatever was requested. Under
+    MirroredStrategy over CPU devices XLA fails on variables placed on
+    another logical device (an XLA known issue, seen here with Keras 3.15 /
+    TensorFlow 2.20): there the steps run without XLA.
     """
+    if keras.config.backend() == "jax":
+        return True
     if requested and isinstance(strategy, tf.distribute.MirroredStrategy) \
             and strategy.num_replicas_in_sync > 1 and all(
                 "CPU" in d.upper() for d in strategy.extended.worker_devices):
@@ -391,7 +403,7 @@ def format_report(report, workdir):
         f"{report['model']} on {report['dataset']}{noise}, k={report['k']}: "
         f"{report['epochs']} epochs ({ran}), {report['train_steps']} steps, "
         f"{report['wall_time_s']:.0f}s, {report['strategy']} "
-        f"x{report['replicas']}",
+        f"x{report['replicas']} on {report['backend']}",
         f"  eval: {metrics}",
     ]
     if report["nonzero_fraction"]:

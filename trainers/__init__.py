@@ -51,7 +51,7 @@ def define_flags(default_config):
 def run(model_name):
     """Parses the flags and trains the config, whose `model.name` must be
     `model_name`; config override errors list the valid keys."""
-    import tensorflow as tf
+    tf = import_tensorflow()
 
     from topk_sparse import checks, training
 
@@ -81,6 +81,18 @@ def run(model_name):
     # tf.distribute logs every all-reduce at INFO: keep the log readable.
     tf.get_logger().setLevel("WARNING")
     app.run(main, flags_parser=_parse_flags)
+
+
+def import_tensorflow():
+    """TensorFlow, which the trainers need on either backend (tf.data and
+    TFDS input, TensorBoard); exits with one line where it is missing."""
+    try:
+        import tensorflow as tf
+    except ImportError:
+        sys.exit("FATAL the trainers read their data with tf.data and write "
+                 "TensorBoard logs: install TensorFlow beside JAX, "
+                 "pip install -e \".[cpu,jax]\".")
+    return tf
 
 
 def _parse_flags(argv):

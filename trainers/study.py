@@ -14,7 +14,7 @@ aggregate with `--config.train=False` once both have ended.
 
 import os
 
-import trainers  # noqa: F401 (quiets TensorFlow's C++ INFO lines)
+import trainers  # first: quiets TensorFlow's C++ INFO lines
 
 from absl import app
 from absl import flags
@@ -32,7 +32,7 @@ _WORKDIR = flags.DEFINE_string(
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    import tensorflow as tf
+    tf = trainers.import_tensorflow()
 
     from topk_sparse import study
 

@@ -17,6 +17,9 @@ of the running backend (`keras.config.backend()`) provides:
 - `while_loop(cond, body, loop_vars, maximum_iterations, model)`: the
   decoding loop of `T5.generate`, the metric counts of `model`'s layers
   updated inside it (on JAX carried through the loop);
+- `compiled(fn, model)`: `fn`, which calls `model`, compiled (a
+  `tf.function`; `jax.jit` over the model's variables), the variables it
+  updates updated as an eager call would;
 - `static_value(x)`: `x` as numpy where its value is known, else None.
 """
 
@@ -24,11 +27,11 @@ import keras
 
 if keras.config.backend() == "jax":
     from topk_sparse.backend.jax import (
-        approx_max_k, compiled_by_xla, has_value, on_tpu, sample,
+        approx_max_k, compiled, compiled_by_xla, has_value, on_tpu, sample,
         sampling_seed, static_value, while_loop)
 elif keras.config.backend() == "tensorflow":
     from topk_sparse.backend.tensorflow import (
-        approx_max_k, compiled_by_xla, has_value, on_tpu, sample,
+        approx_max_k, compiled, compiled_by_xla, has_value, on_tpu, sample,
         sampling_seed, static_value, while_loop)
 else:
     raise ImportError(
@@ -36,5 +39,5 @@ else:
         f"not {keras.config.backend()!r}: set KERAS_BACKEND=tensorflow or "
         f"KERAS_BACKEND=jax.")
 
-__all__ = ["approx_max_k", "compiled_by_xla", "has_value", "on_tpu",
-           "sample", "sampling_seed", "static_value", "while_loop"]
+__all__ = ["approx_max_k", "compiled", "compiled_by_xla", "has_value",
+           "on_tpu", "sample", "sampling_seed", "static_value", "while_loop"]

@@ -74,6 +74,34 @@ def while_loop(cond, body, loop_vars, maximum_iterations, model):
     return loop_vars
 
 
+def compiled(fn, model):
+    """`fn` (which calls `model`) compiled by `jax.jit` over the model's
+    variables (`jit_over`)."""
+    return jit_over(fn, model.variables)
+
+
+def jit_over(fn, variables):
+    """`fn` compiled by `jax.jit` over Keras `variables`: their values go
+    into each call (so it runs on their current values) and their updates
+    (a layer's metric counts) come out of it and are assigned, as an eager
+    call would, the way Keras's own JAX trainer runs a step. The arguments
+    are traced; every other value `fn` needs is static."""
+    def pure(values, *args):
+        with keras.StatelessScope(
+                state_mapping=list(zip(variables, values))) as scope:
+            out = fn(*args)
+        return out, [scope.get_current_value(v) for v in variables]
+
+    jitted = jax.jit(pure)
+
+    def run(*args):
+        out, values = jitted([v.value for v in variables], *args)
+        for variable, value in zip(variables, values):
+            variable.assign(value)
+        return out
+    return run
+
+
 def static_value(x):
     """`x` as numpy where its value is known (not a tracer), else None."""
     return None if isinstance(x, jax.core.Tracer) else np.asarray(x)

@@ -54,6 +54,13 @@ def while_loop(cond, body, loop_vars, maximum_iterations, model):
                          maximum_iterations=maximum_iterations)
 
 
+def compiled(fn, model):
+    """`fn` (which calls `model`) as a `tf.function`: the model's
+    variables are TensorFlow resources, read and updated in place."""
+    del model
+    return tf.function(fn, reduce_retracing=True)
+
+
 def static_value(x):
     """`x` as numpy where its value is known (eager), else None (traced)."""
     return tf.get_static_value(x)

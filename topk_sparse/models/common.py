@@ -1,5 +1,7 @@
-"""What ViT and T5 share as models: the variant table lookup and the
-constructor-arguments config that a `.keras` file stores."""
+"""What ViT and T5 share as models: the variant table lookup, each MLP's
+`k`, and the constructor-arguments config that a `.keras` file stores."""
+
+import collections.abc
 
 import keras
 
@@ -25,6 +27,51 @@ def resolve_variant(table, variant, model, **explicit):
             f"{list(explicit)}; missing {missing}.")
     return {name: checks.positive_int(value, name)
             for name, value in resolved.items()}
+
+
+def k_per_mlp(k, names):
+    """Each MLP's `k`, in the order of `names` (the model's MLP layer names).
+
+    Args:
+      k: None or an int: the same for every MLP; a list or tuple with one
+        value per MLP in layer order; or a mapping `{MLP name: k}` that
+        names every MLP. A value None is a dense ReLU MLP. Each value is
+        checked by its `SparseMLP`.
+      names: list of str. The MLPs' layer names, in layer order.
+
+    Returns:
+      A list of `len(names)` values.
+
+    Raises:
+      ValueError: a list of another length, a mapping with an unknown or a
+        missing name; the message lists the MLPs.
+    """
+    layers = ", ".join(names)
+    if isinstance(k, collections.abc.Mapping):
+        unknown = [name for name in k if name not in names]
+        missing = [name for name in names if name not in k]
+        if unknown or missing:
+            problem = (f"names no MLP {unknown}" if unknown
+                       else f"misses {missing}")
+            raise ValueError(
+                f"k {problem}: a mapping gives every MLP its k (None for "
+                f"dense), by layer name: {layers}.")
+        return [k[name] for name in names]
+    if isinstance(k, (list, tuple)):
+        if len(k) != len(names):
+            raise ValueError(
+                f"k has {len(k)} values for {len(names)} MLPs: give one "
+                f"per MLP, in layer order: {layers}.")
+        return list(k)
+    return [k] * len(names)
+
+
+def k_config(k):
+    """`k` as a model's config keeps it, the value a `.keras` file gives
+    back: a tuple as a list, a mapping as a dict."""
+    if isinstance(k, collections.abc.Mapping):
+        return dict(k)
+    return list(k) if isinstance(k, tuple) else k
 
 
 class ArgumentsConfig:

@@ -21,7 +21,8 @@ import numpy as np
 
 from topk_sparse import backend, checks
 from topk_sparse.models import sampling
-from topk_sparse.models.common import ArgumentsConfig, resolve_variant
+from topk_sparse.models.common import (ArgumentsConfig, k_config,
+                                       k_per_mlp, resolve_variant)
 from topk_sparse.models.transformer import TransformerBlock
 
 PAD_ID = 0
@@ -209,8 +210,10 @@ class T5(ArgumentsConfig, keras.Model):
         variant's.
       num_heads: int. Attention heads. Overrides the variant's.
       mlp_dim: int. MLP hidden width (T5 calls it `d_ff`). Overrides the variant's.
-      k: int or None. MLP activations kept per token; None is the dense T5.
-        Defaults to None.
+      k: int or None: MLP activations kept per token, in every MLP; None is
+        the dense T5. Or one per MLP: a list in layer order (encoder, then
+        decoder), or a mapping by MLP name (`sparse_mlps()`), None for a
+        dense one (`topk_sparse.models.common.k_per_mlp`). Defaults to None.
       method: str. Top-k method, see `topk_sparse.TopKActivation`.
       recall_target: float in (0, 1]. Expected recall of `"approx"`.
       implementation: str. `SparseMLP` path: `"masked"`, `"gather"` or
@@ -258,6 +261,10 @@ class T5(ArgumentsConfig, keras.Model):
             name="token_embedding", dtype=dtype)
         self.dropout = keras.layers.Dropout(dropout_rate, name="dropout",
                                             dtype=dtype)
+        names = {stack: [f"{stack}_block_{i}" for i in range(dims["depth"])]
+                 for stack in ("encoder", "decoder")}
+        ks = iter(k_per_mlp(k, [f"{name}_mlp" for stack in names.values()
+                                for name in stack]))
         stacks = {}
         for stack in ("encoder", "decoder"):
             decoder = stack == "decoder"
@@ -268,12 +275,11 @@ class T5(ArgumentsConfig, keras.Model):
             blocks = [
                 TransformerBlock(
                     num_heads=dims["num_heads"], mlp_dim=dims["mlp_dim"],
-                    k=k, method=method, recall_target=recall_target,
+                    k=next(ks), method=method, recall_target=recall_target,
                     implementation=implementation, dropout_rate=dropout_rate,
                     norm="rms", use_bias=False, causal=decoder,
-                    cross_attention=decoder, name=f"{stack}_block_{i}",
-                    dtype=dtype)
-                for i in range(dims["depth"])]
+                    cross_attention=decoder, name=name, dtype=dtype)
+                for name in names[stack]]
             norm = keras.layers.RMSNormalization(
                 epsilon=1e-6, name=f"{stack}_norm", dtype=dtype)
             stacks[stack] = (position_bias, blocks, norm)
@@ -297,7 +303,7 @@ class T5(ArgumentsConfig, keras.Model):
 
         # === Config ===
         self._keep_arguments(
-            variant=variant, vocab_size=vocab_size, **dims, k=k,
+            variant=variant, vocab_size=vocab_size, **dims, k=k_config(k),
             method=method, recall_target=recall_target,
             implementation=implementation, dropout_rate=dropout_rate,
             num_buckets=num_buckets, max_distance=max_distance)

@@ -10,7 +10,8 @@ paper's ViT, arXiv 2210.06313) rather than the original GELU, so that
 import keras
 from keras import ops
 
-from topk_sparse.models.common import ArgumentsConfig, resolve_variant
+from topk_sparse.models.common import (ArgumentsConfig, k_config,
+                                       k_per_mlp, resolve_variant)
 from topk_sparse.models.transformer import TransformerBlock
 
 # ViT-B and ViT-L: Dosovitskiy et al., arXiv 2010.11929, Table 1 ("Hidden
@@ -93,8 +94,10 @@ class ViT(ArgumentsConfig, keras.Model):
       num_heads: int. Attention heads. Overrides the variant's.
       mlp_dim: int. MLP hidden width. Overrides the variant's.
       channels: int. Input image channels. Defaults to 3.
-      k: int or None. MLP activations kept per token; None is the dense ReLU
-        ViT. Defaults to None.
+      k: int or None: MLP activations kept per token, in every MLP; None is
+        the dense ReLU ViT. Or one per MLP: a list in layer order, or a
+        mapping by MLP name (`sparse_mlps()`), None for a dense one
+        (`topk_sparse.models.common.k_per_mlp`). Defaults to None.
       method: str. Top-k method, see `topk_sparse.TopKActivation`.
       recall_target: float in (0, 1]. Expected recall of `"approx"`.
       implementation: str. `SparseMLP` path: `"masked"`, `"gather"` or
@@ -149,13 +152,15 @@ class ViT(ArgumentsConfig, keras.Model):
             name="position_embedding", dtype=dtype)
         self.dropout = keras.layers.Dropout(dropout_rate, name="dropout",
                                             dtype=dtype)
+        names = [f"encoder_block_{i}" for i in range(dims["depth"])]
         self.blocks = [
             TransformerBlock(
-                num_heads=dims["num_heads"], mlp_dim=dims["mlp_dim"], k=k,
-                method=method, recall_target=recall_target,
+                num_heads=dims["num_heads"], mlp_dim=dims["mlp_dim"],
+                k=block_k, method=method, recall_target=recall_target,
                 implementation=implementation, dropout_rate=dropout_rate,
-                name=f"encoder_block_{i}", dtype=dtype)
-            for i in range(dims["depth"])]
+                name=name, dtype=dtype)
+            for name, block_k in zip(names, k_per_mlp(
+                k, [f"{name}_mlp" for name in names]))]
         self.encoder_norm = keras.layers.LayerNormalization(
             epsilon=1e-6, name="encoder_norm", dtype=dtype)
         self.head = keras.layers.Dense(num_classes, name="head", dtype=dtype)
@@ -178,7 +183,7 @@ class ViT(ArgumentsConfig, keras.Model):
         # === Config ===
         self._keep_arguments(
             variant=variant, image_size=image_size, num_classes=num_classes,
-            **dims, channels=channels, k=k, method=method,
+            **dims, channels=channels, k=k_config(k), method=method,
             recall_target=recall_target, implementation=implementation,
             pooling=pooling, dropout_rate=dropout_rate)
 
