@@ -14,6 +14,13 @@ import numpy as np
 
 BACKEND = keras.config.backend()
 
+JAX_XLA_FLAGS = ("--xla_cpu_collective_call_warn_stuck_timeout_seconds=120 "
+                 "--xla_cpu_collective_call_terminate_timeout_seconds=900")
+"""XLA flags of the JAX processes of the tests. Two logical CPU devices'
+threads share the cores with the other tests: a collective's rendezvous
+may wait longer than XLA's default 40 s, after which XLA aborts the process
+(seen in CI, under a loaded machine)."""
+
 MODES = ("eager", "function", "jit")
 """How a function runs: eagerly, traced (`tf.function`; `jax.jit`) or
 compiled by XLA (`tf.function(jit_compile=True)`; `jax.jit`)."""

@@ -11,6 +11,18 @@ if "xla_force_host_platform_device_count" not in os.environ.get(
 
 import keras  # noqa: E402
 
+from tests.backend import JAX_XLA_FLAGS  # noqa: E402
+
+if keras.config.backend() == "jax":
+    # JAX's XLA reads XLA_FLAGS once, when its backend starts: the collective
+    # timeouts for this process only, not for the TensorFlow processes that
+    # tests start (TensorFlow 2.20's XLA aborts on these flags).
+    shared = os.environ["XLA_FLAGS"]
+    os.environ["XLA_FLAGS"] = f"{shared} {JAX_XLA_FLAGS}"
+    import jax  # noqa: E402
+    jax.devices()
+    os.environ["XLA_FLAGS"] = shared
+
 # Modules written against tests/backend.py, numpy and keras.ops (and
 # TensorBoard's event files): they run under every backend
 # (KERAS_BACKEND=jax too). The others test what is TensorFlow's (tf.data,

@@ -11,6 +11,7 @@ import sys
 import keras
 import numpy as np
 
+from tests.backend import JAX_XLA_FLAGS
 from tests.events import read_events, read_scalars
 from topk_sparse.configs import common
 
@@ -29,8 +30,11 @@ def load_config(name, arg=None):
 def run_python(args, backend=None, **kwargs):
     """`python *args` in the repository, started (not waited for), on
     `backend` (default: this process's)."""
+    backend = backend or keras.config.backend()
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2",
-           "KERAS_BACKEND": backend or keras.config.backend()}
+           "KERAS_BACKEND": backend}
+    if backend == "jax":
+        env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {JAX_XLA_FLAGS}"
     return subprocess.Popen([sys.executable, *args], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, **kwargs)
