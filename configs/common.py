@@ -68,6 +68,11 @@ def base_config():
     config.batch_size = 64
     config.epochs = 10
     config.steps_per_epoch = config_dict.placeholder(int)
+    # Start from the weights of a trained model of this architecture: a
+    # finished run's workdir (its model.keras) or a .keras file. With
+    # model.k "auto:<mean k>", k per MLP is allocated on it (dense) first,
+    # as config.eval.allocate says (examples, step, by), then fine-tuned.
+    config.init_from = config_dict.placeholder(str)
 
     config.optimizer = ml_collections.ConfigDict()
     config.optimizer.name = "adamw"  # adamw | adam | sgd | adafactor
@@ -97,6 +102,17 @@ def base_config():
     config.eval.two_stage.rank = 0
     config.eval.two_stage.candidates = config_dict.placeholder(int)
     config.eval.two_stage.examples = 64
+    # Choosing k (topk_sparse.allocation), after training: one k per MLP,
+    # allocated greedily on `examples` training examples under a mean k of
+    # `mean_k`, and the test metrics there beside uniform k = mean_k, both
+    # without fine-tuning. 0 skips it; step None is a 32nd of mlp_dim; by
+    # "model" keeps the model's outputs close, "mlp" each MLP's own (no
+    # model passes: for models of many MLPs).
+    config.eval.allocate = ml_collections.ConfigDict()
+    config.eval.allocate.mean_k = 0
+    config.eval.allocate.step = config_dict.placeholder(int)
+    config.eval.allocate.examples = 256
+    config.eval.allocate.by = "model"
     # model.fit's verbosity; 0 also leaves out the printed report (it is in
     # report.json and returned).
     config.verbose = 2

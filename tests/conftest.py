@@ -32,7 +32,7 @@ BACKEND_NEUTRAL = ("test_ops.py", "test_sparsity.py", "test_layers.py",
                    "test_layer_checks.py", "test_layer_training.py",
                    "test_models.py", "test_generate.py",
                    "test_docstrings.py", "test_scoring.py",
-                   "test_callbacks.py")
+                   "test_callbacks.py", "test_allocation.py")
 
 # What exists on JAX only: the trainers through keras.distribution (their
 # TensorFlow runs are test_training.py's).

@@ -40,6 +40,70 @@ def run_python(args, backend=None, **kwargs):
                             text=True, **kwargs)
 
 
+def vit_config(strategy):
+    """The runlocal ViT of configs/vit_digits.py that `check_vit_run`
+    checks: two-stage scoring at rank 8 (of width 32), 64 candidates (of
+    mlp_dim 128); k allocated at mean 16 in steps of 8 on 64 training
+    examples."""
+    config = load_config("vit_digits", "runlocal")
+    config.strategy = strategy
+    config.eval.two_stage.rank = 8
+    config.eval.two_stage.candidates = 64
+    config.eval.allocate.mean_k = 16
+    config.eval.allocate.examples = 64
+    config.eval.allocate.step = 8
+    return config
+
+
+# What the runlocal T5 of `check_t5_run` evaluates: two-stage scoring at
+# rank 16 (inputs are (encoder, decoder) dicts); k allocated at mean 48 in
+# steps of 16 on 32 training examples.
+T5_EVALUATIONS = {"eval.two_stage.rank": 16, "eval.allocate.mean_k": 48,
+                  "eval.allocate.step": 16, "eval.allocate.examples": 32}
+
+
+def t5_config(strategy):
+    """The runlocal T5 of configs/t5_synthetic.py that `check_t5_run`
+    checks, with `T5_EVALUATIONS`."""
+    config = load_config("t5_synthetic", "runlocal")
+    config.strategy = strategy
+    config.update_from_flattened_dict(T5_EVALUATIONS)
+    return config
+
+
+def flags(overrides):
+    """`{dotted config key: value}` as the binaries' flags."""
+    return [f"--config.{key}={value}" for key, value in overrides.items()]
+
+
+def check_allocation(workdir, report, mean_k):
+    """The `"allocation"` evaluation: a k per MLP within the budget, test
+    metrics at it and at uniform k, each MLP's profile, TensorBoard."""
+    result = report["allocation"]
+    names = list(report["nonzero_fraction"])
+    assert list(result["k"]) == names == list(result["layers"])
+    assert sum(result["k"].values()) == mean_k * len(names)
+    assert all(1 <= k <= report["mlp_k"][name]
+               for name, k in result["k"].items())
+    assert set(result["uniform"]) == set(result["allocated"]) == {
+        key for key in report["eval"] if key != "exact_match"}
+    # The greedy search minimizes the distance on these examples: at most
+    # uniform's where uniform is one of the allocations it passes.
+    assert 0 <= result["distance"] and 0 <= result["uniform_distance"]
+    for layer in result["layers"].values():
+        assert 0 < layer["active_mean"] <= layer["active_max"] <= \
+            layer["mlp_dim"]
+        assert layer["curve"][str(layer["mlp_dim"])] == {"cosine": 1.0,
+                                                          "share": 1.0}
+    logs = read_scalars(os.path.join(workdir, "tensorboard", "allocation"))
+    step = report["train_steps"]
+    for name, k in result["k"].items():
+        assert logs[f"allocation/k/{name}"][step] == k
+    np.testing.assert_allclose(
+        logs["allocation/allocated/loss"][step],
+        result["allocated"]["loss"], rtol=1e-6)
+
+
 def check_workdir(workdir, config, report):
     with open(os.path.join(workdir, "config.json")) as f:
         assert json.load(f) == json.loads(config.to_json())
@@ -51,8 +115,8 @@ def check_workdir(workdir, config, report):
 
 
 def check_vit_run(workdir, config, report):
-    """The runlocal ViT of configs/vit_digits.py with two-stage scoring at
-    rank 8, 64 candidates: its report, TensorBoard runs and evaluations."""
+    """The run of `vit_config`: its report, TensorBoard runs and
+    evaluations."""
     check_workdir(workdir, config, report)
     assert report["backend"] == keras.config.backend()
     assert report["epochs_run"] == [0, 1]
@@ -121,11 +185,11 @@ def check_vit_run(workdir, config, report):
                                                "two_stage"))
     np.testing.assert_allclose(two_stage_logs["two_stage/cosine"][6],
                                two_stage["cosine"], rtol=1e-6)
+    check_allocation(workdir, report, 16)
 
 
 def check_t5_run(workdir, config, report):
-    """The runlocal T5 of configs/t5_synthetic.py with two-stage scoring at
-    rank 16."""
+    """The run of `t5_config`."""
     check_workdir(workdir, config, report)
     assert report["backend"] == keras.config.backend()
     assert report["model"] == "t5" and report["train_steps"] == 2 * 3
@@ -140,3 +204,4 @@ def check_t5_run(workdir, config, report):
         report["nonzero_fraction"])
     # Every neuron rescored exactly: the exact top-k up to float rounding.
     assert report["two_stage"]["recall"] > 0.999
+    check_allocation(workdir, report, 48)

@@ -13,7 +13,7 @@ import topk_sparse
 MODULES = ("topk_sparse.ops", "topk_sparse.layers", "topk_sparse.sparsity",
            "topk_sparse.models.transformer", "topk_sparse.models.vit",
            "topk_sparse.models.t5", "topk_sparse.scoring",
-           "topk_sparse.calibration")
+           "topk_sparse.calibration", "topk_sparse.allocation")
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -100,10 +100,10 @@ def test_notebook_is_small_with_badge_and_outputs(path):
         f"python -m tests.test_notebooks {path.name}")
 
 
-def test_colab_holds_the_four_notebooks_each_in_the_readme_table():
+def test_colab_holds_the_five_notebooks_each_in_the_readme_table():
     assert {path.name for path in NOTEBOOKS} == {
         "quickstart.ipynb", "train_on_tpu.ipynb", "lazy_neuron.ipynb",
-        "sparse_inference.ipynb"}
+        "sparse_inference.ipynb", "choosing_k.ipynb"}
     readme = (COLAB.parent / "README.md").read_text()
     for path in NOTEBOOKS:
         assert f"| [{path.name}](colab/{path.name}) | [![Open In Colab]" \

@@ -21,8 +21,9 @@ import tensorflow as tf
 from topk_sparse.configs import common
 from tests.devices import mirrored_strategy
 from tests.events import read_events
-from tests.runs import (CONFIGS, check_t5_run, check_vit_run, load_config,
-                        run_python)
+from tests.runs import (CONFIGS, T5_EVALUATIONS, check_t5_run, check_vit_run,
+                        flags, load_config, run_python, t5_config,
+                        vit_config)
 from tests.mock_tfds import mocked_tfds
 from topk_sparse import distribute, evaluation, optimizers, training
 from topk_sparse.data import corruptions
@@ -85,10 +86,7 @@ def test_get_strategy_in_a_fresh_process():
 
 @pytest.mark.slow
 def test_train_runlocal_one_device_jit(tmp_path, capsys):
-    config = load_config("vit_digits", "runlocal")
-    config.strategy = "cpu"
-    config.eval.two_stage.rank = 8  # of width 32; 64 of mlp_dim 128
-    config.eval.two_stage.candidates = 64
+    config = vit_config("cpu")
     workdir = str(tmp_path / "vit")
     report = training.train(config, workdir)
     assert f"report: {workdir}/report.json" in capsys.readouterr().out
@@ -222,30 +220,92 @@ def test_model_dimensions_are_config_keys_that_override_the_variant(name):
     assert {mlp.mlp_dim for mlp in mlps.values()} == {200}
 
 
-# T5 on the synthetic task.
-
 @pytest.mark.slow
-def test_train_t5_runlocal(tmp_path):
-    config = load_config("t5_synthetic", "runlocal")
-    config.strategy = "cpu"
-    config.jit_compile = False  # XLA: see the ViT test; it compiles slowly
-    config.eval.two_stage.rank = 16  # inputs are (encoder, decoder) dicts
-    workdir = str(tmp_path / "t5")
-    report = training.train(config, workdir)
+def test_auto_k_allocates_on_a_dense_run_then_fine_tunes(tmp_path):
+    def config(**changes):
+        config = load_config("vit_digits", "runlocal")
+        config.eval.every_epochs = 0
+        config.eval.corruptions = ()
+        config.eval.allocate.update(examples=32, step=16)
+        config.update(changes)
+        return config
 
-    check_t5_run(workdir, config, report)
+    dense_dir, auto_dir = str(tmp_path / "dense"), str(tmp_path / "auto")
+    training.train(config(), dense_dir)  # Top-32: its weights, read dense
+    auto = config(init_from=dense_dir)
+    auto.model.k = "auto:24"
+    report = training.train(auto, auto_dir)
+
+    allocated = report["auto_k"]
+    assert report["k"] == "auto:24" and report["init_from"] == dense_dir
+    assert report["mlp_k"] == allocated["k"]
+    assert sum(allocated["k"].values()) == 48 and allocated["mean_k"] == 24
+    assert (allocated["examples"], allocated["step"], allocated["by"]) == (
+        32, 16, "model")
+    with open(os.path.join(auto_dir, "allocation.json")) as f:
+        assert json.load(f) == allocated
+    assert ViT.from_config(keras.saving.load_model(os.path.join(
+        auto_dir, "model.keras")).get_config()).k == allocated["k"]
+    # Started again, the finished run evaluates with the k it kept.
+    again = training.train(auto, auto_dir)
+    assert again["auto_k"] == allocated and again["epochs_run"] == []
+    # Other allocation settings are another run.
+    other = config(init_from=dense_dir)
+    other.model.k = "auto:24"
+    other.eval.allocate.examples = 64
+    with pytest.raises(training.ConfigError,
+                       match="allocation.json holds k allocated with "
+                             "config.eval.allocate .*use another --workdir"):
+        training.train(other, auto_dir)
 
 
-@pytest.mark.parametrize("model_k, two_stage, match", [
-    (None, {"rank": 8}, "needs Top-k MLPs"),
-    (32, {"rank": 33}, "rank must be"),
-    (32, {"rank": 8, "candidates": 16}, "candidates must be"),
-    (32, {"rank": 8, "examples": 0}, "examples must be a positive int")])
-def test_two_stage_arguments_fail_before_training(tmp_path, model_k,
-                                                  two_stage, match):
+@pytest.mark.parametrize("changes, match", [
+    ({"model.k": "auto:16"}, r"config.model.k='auto:16' allocates k on a "
+                             r"trained dense model: set config.init_from"),
+    ({"model.k": "auto:many", "init_from": "/x"},
+     r"config.model.k='auto:many' is not a k: .*auto:<mean k> \(e.g. "
+     r"auto:16\)"),
+    ({"model.k": "sixteen"}, "config.model.k='sixteen' is not a k"),
+    ({"init_from": "/nonexistent/run"}, r"config.init_from='/nonexistent/"
+                                         r"run': no /nonexistent/run/model"
+                                         r".keras. Give a finished run's"),
+])
+def test_init_from_and_auto_k_errors_are_one_line(tmp_path, changes, match):
+    config = load_config("vit_digits", "runlocal")
+    config.update_from_flattened_dict(changes)
+    with pytest.raises(training.ConfigError, match=match):
+        training.train(config, str(tmp_path))
+    assert not os.path.exists(os.path.join(tmp_path, "backup"))
+
+
+def test_init_from_another_architecture_is_refused(tmp_path):
+    source = str(tmp_path / "wide.keras")
+    ViT("micro", image_size=16, num_classes=10, mlp_dim=64).save(source)
+    config = load_config("vit_digits", "runlocal")
+    config.init_from = source
+    with pytest.raises(training.ConfigError,
+                       match=r"holds a model of another architecture .* give "
+                             r"config.model its dimensions"):
+        training.train(config, str(tmp_path / "run"))
+
+
+@pytest.mark.parametrize("model_k, section, changes, match", [
+    (None, "two_stage", {"rank": 8}, "needs Top-k MLPs"),
+    (32, "two_stage", {"rank": 33}, "rank must be"),
+    (32, "two_stage", {"rank": 8, "candidates": 16}, "candidates must be"),
+    (32, "two_stage", {"rank": 8, "examples": 0},
+     "examples must be a positive int"),
+    (None, "allocate", {"mean_k": 129}, r"mean_k must be a number in "
+                                        r"\[1, 128\]"),
+    (32, "allocate", {"mean_k": 8, "examples": 0},
+     "config.eval.allocate.examples must be a positive int"),
+    ([8, 16], "allocate", {"mean_k": 8, "step": -1},
+     "config.eval.allocate.step must be a positive int")])
+def test_evaluation_arguments_fail_before_training(tmp_path, model_k,
+                                                   section, changes, match):
     config = load_config("vit_digits", "runlocal")
     config.model.k = model_k
-    config.eval.two_stage.update(two_stage)
+    config.eval[section].update(changes)
     with pytest.raises(ValueError, match=match):
         training.train(config, str(tmp_path))
     assert not os.path.exists(os.path.join(tmp_path, "backup"))
@@ -283,20 +343,26 @@ def test_exact_match_ignores_what_follows_eos():
 # The binary.
 
 @pytest.mark.slow
-@pytest.mark.parametrize("flags,strategy", [
-    ([], "DefaultDistributionStrategy x1"),
-    (["--config.strategy=mirrored", "--config.num_cpu_devices=2"],
-     "MirroredStrategy x2")], ids=["default", "mirrored"])
-def test_t5_binary_runs_its_default_config(tmp_path, flags, strategy):
+@pytest.mark.parametrize("strategy", ["cpu", "mirrored"])
+def test_t5_binary_runs_its_default_config(tmp_path, strategy):
+    # One device: the evaluations, checked (check_t5_run); two: the run.
+    overrides = {"strategy": strategy, "num_cpu_devices": 2} \
+        if strategy == "mirrored" else T5_EVALUATIONS
     process = run_python(["-m", "trainers.t5",
                           "--config=configs/t5_synthetic.py:runlocal",
-                          *flags, f"--workdir={tmp_path}"])
+                          *flags(overrides), f"--workdir={tmp_path}"])
     output = process.communicate(timeout=300)[0]
     assert process.returncode == 0, output
     assert "t5 on synthetic, k=64" in output and "exact_match" in output
-    assert strategy in output
     with open(os.path.join(tmp_path, "report.json")) as f:
-        assert json.load(f)["train_steps"] == 2 * 3
+        report = json.load(f)
+    if strategy == "mirrored":
+        assert "MirroredStrategy x2" in output
+        assert report["train_steps"] == 2 * 3
+    else:
+        assert "DefaultDistributionStrategy x1" in output
+        assert "k allocated per MLP at mean k 48" in output
+        check_t5_run(str(tmp_path), t5_config("cpu"), report)
 
 
 @pytest.mark.slow

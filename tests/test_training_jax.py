@@ -11,7 +11,8 @@ import jax
 import keras
 import pytest
 
-from tests.runs import check_t5_run, check_vit_run, load_config, run_python
+from tests.runs import (check_t5_run, check_vit_run, load_config, run_python,
+                        t5_config, vit_config)
 from topk_sparse import distribute, study, training
 from topk_sparse.configs import study as study_config
 
@@ -40,10 +41,7 @@ def test_strategy_names_mean_the_same_devices():
 
 @pytest.mark.slow
 def test_vit_trains_data_parallel(tmp_path):
-    config = load_config("vit_digits", "runlocal")
-    config.strategy = "mirrored"
-    config.eval.two_stage.rank = 8
-    config.eval.two_stage.candidates = 64
+    config = vit_config("mirrored")
     workdir = str(tmp_path / "vit")
     report = training.train(config, workdir)
     check_vit_run(workdir, config, report)
@@ -53,8 +51,7 @@ def test_vit_trains_data_parallel(tmp_path):
 
 @pytest.mark.slow
 def test_t5_trains_and_decodes(tmp_path):
-    config = load_config("t5_synthetic", "runlocal")
-    config.eval.two_stage.rank = 16
+    config = t5_config("cpu")
     workdir = str(tmp_path / "t5")
     report = training.train(config, workdir)
     check_t5_run(workdir, config, report)

@@ -13,7 +13,7 @@ import importlib
 
 # Register ViT, T5, their layers and the learning-rate schedules with Keras
 # (a trainer's model.keras loads after `import topk_sparse`).
-from topk_sparse import models, ops, optimizers, scoring
+from topk_sparse import allocation, models, ops, optimizers, scoring
 from topk_sparse.calibration import (BrierScore, ExpectedCalibrationError,
                                      NegativeLogLikelihood)
 from topk_sparse.layers import SparseMLP, TopKActivation
@@ -49,7 +49,7 @@ def __getattr__(name):
 
 
 __all__ = [
-    "NonzeroFraction", "BrierScore", "CalibrationCallback",
+    "NonzeroFraction", "BrierScore", "allocation", "CalibrationCallback",
     "ExpectedCalibrationError", "NegativeLogLikelihood", "SparseMLP",
     "SparsityCallback", "TopKActivation", "distribute", "models", "ops",
     "optimizers", "scoring",

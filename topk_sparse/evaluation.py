@@ -20,6 +20,10 @@ for (asking for one the model does not list is an error before training):
   `config.eval.generate_examples` examples.
 - `"two_stage"`: any model with Top-k MLPs; two-stage scoring calibrated
   after training (`config.eval.two_stage`), its recall and output cosine.
+- `"allocation"`: any model; after training, one k per MLP allocated
+  under a mean k (`config.eval.allocate`, `topk_sparse.allocation`), and
+  the test metrics at that allocation beside uniform k, without
+  fine-tuning; each MLP's active units per token.
 
 An evaluator's `run` argument is a `training.Run`.
 """
@@ -30,8 +34,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from topk_sparse import (backend, calibration, callbacks, checks, registry,
-                         robustness, scoring, sparsity)
+from topk_sparse import (allocation, backend, calibration, callbacks, checks,
+                         data, registry, robustness, scoring, sparsity)
 from topk_sparse.data import corruptions as corruptions_lib
 from topk_sparse.layers import GATHER_MAX_SHARE
 from topk_sparse.models import T5, ViT
@@ -171,14 +175,10 @@ def _measure_two_stage(run):
     their least (`scoring.max_tokens`).
     """
     two_stage = run.config.eval.two_stage
-
-    def examples(dataset):  # one batch of model inputs, labels dropped
-        return dataset.unbatch().take(two_stage.examples).batch(
-            two_stage.examples).map(lambda inputs, *labels: inputs)
-
     layers = scoring.calibrate(
-        run.model, examples(run.train_data), two_stage.rank,
-        two_stage.candidates, held_out=examples(run.eval_data))
+        run.model, data.first_inputs(run.train_data, two_stage.examples),
+        two_stage.rank, two_stage.candidates,
+        held_out=data.first_inputs(run.eval_data, two_stage.examples))
     mlp = next(iter(run.model.sparse_mlps().values()))
     result = {"rank": two_stage.rank, "candidates": mlp.scorer.candidates,
               **{name: float(np.mean([m[name] for m in layers.values()]))
@@ -207,6 +207,87 @@ registry.register_evaluator(
         for r in [report.get("two_stage")] if r])
 
 
+def _check_allocation(run):
+    allocate = run.config.eval.allocate
+    allocation.uniform(run.model, allocate.mean_k)  # checks the budget
+    checks.positive_int(allocate.examples, "config.eval.allocate.examples")
+    if allocate.step is not None:
+        checks.positive_int(allocate.step, "config.eval.allocate.step")
+    if allocate.by not in allocation.BY:
+        raise ValueError(f"config.eval.allocate.by={allocate.by!r}: choose "
+                         f"one of {allocation.BY}.")
+
+
+def _allocate(run):
+    """Allocates k per MLP on training examples (`allocation.allocate`);
+    evaluates the test split there and at uniform k; writes both, each
+    MLP's k and its active units per token to TensorBoard.
+
+    Returns `{"allocation": {"mean_k", "step", "examples", "by", "k",
+    "distance", "uniform_distance", "uniform", "allocated", "layers"}}`:
+    the allocation (its output distance on the training examples, and
+    uniform k's), the test metrics at each, and per MLP `Profile.summary`.
+    """
+    allocate = run.config.eval.allocate
+    batches = data.first_inputs(run.train_data, allocate.examples)
+    chosen = allocation.allocate(run.model, batches, allocate.mean_k,
+                                 allocate.step, allocate.by)
+    uniform = allocation.uniform(run.model, allocate.mean_k)
+    profiles = allocation.measure(run.model, batches)
+    evaluated = {}
+    with sparsity.metrics_restored(run.model):
+        for name, k in (("uniform", uniform), ("allocated", chosen.k)):
+            with allocation.k_applied(run.model, k):
+                evaluated[name] = {
+                    key: float(value) for key, value in run.model.evaluate(
+                        run.eval_data, return_dict=True, verbose=0).items()
+                    if "nonzero_fraction" not in key}
+    result = {
+        "mean_k": allocate.mean_k, "step": allocate.step,
+        "examples": allocate.examples, "by": allocate.by, "k": chosen.k,
+        "distance": chosen.distance,
+        "uniform_distance": allocation.output_distance(run.model, batches,
+                                                       uniform),
+        **evaluated,
+        "layers": {name: profile.summary()
+                   for name, profile in profiles.items()}}
+    writer = tf.summary.create_file_writer(_log_dir(run, "allocation"))
+    with writer.as_default(step=run.step()):
+        for name in ("uniform", "allocated"):
+            for key, value in evaluated[name].items():
+                tf.summary.scalar(f"allocation/{name}/{key}", value)
+        for name, profile in profiles.items():
+            tf.summary.scalar(f"allocation/k/{name}", chosen.k[name])
+            tf.summary.histogram(f"allocation/active_units/{name}",
+                                 profile.active)
+    writer.close()
+    return {"allocation": result}
+
+
+def _allocation_lines(report):
+    result = report.get("allocation")
+    if not result:
+        return []
+    ks = ", ".join(f"{name} {k}" for name, k in result["k"].items())
+    metrics = "  ".join(
+        f"{key} {result['allocated'][key]:.4f} / {result['uniform'][key]:.4f}"
+        for key in result["allocated"])
+    return [f"k allocated per MLP at mean k {result['mean_k']} (no "
+            f"fine-tuning): {ks}",
+            f"  test, allocated / uniform k: {metrics}",
+            f"  output distance on the training examples, allocated / "
+            f"uniform k: {result['distance']:.4f} / "
+            f"{result['uniform_distance']:.4f}"]
+
+
+registry.register_evaluator(
+    "allocation", key="eval.allocate.mean_k",
+    requested=lambda config: bool(config.eval.get("allocate", {}).get(
+        "mean_k")),
+    check=_check_allocation, evaluate=_allocate,
+    describe=_allocation_lines)
+
+
 def _build_vit(kwargs, data):
     """A ViT sized by its data: `(images, labels)` batches."""
     _, height, _, channels = data.element_spec[0].shape
@@ -217,9 +298,9 @@ def _build_vit(kwargs, data):
 registry.register_model(
     "vit", build=_build_vit, metrics=classifier_metrics,
     evaluators=("calibration", "corruptions", "cifar10_corrupted",
-                "two_stage"))
+                "two_stage", "allocation"))
 registry.register_model(
     "t5", metrics=token_metrics,
     build=lambda kwargs, data: T5(
         **kwargs, vocab_size=data.features["vocab_size"]),
-    evaluators=("exact_match", "two_stage"))
+    evaluators=("exact_match", "two_stage", "allocation"))

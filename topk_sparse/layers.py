@@ -125,6 +125,11 @@ class TopKActivation(keras.layers.Layer):
         self._activation = _activation_function(activation)
         self.metric_name = metric_name
         self.nonzero_fraction = self.recall = None
+        self.mlp_dim = None  # the width it selects from, set by build
+        # As SparseMLP's: an object of topk_sparse.scoring that sees every
+        # call's inputs first (input recording); it must return None, since
+        # an activation has no kernel to choose neurons from.
+        self.scorer = None
 
     def build(self, input_shape):
         mlp_dim = input_shape[-1] if input_shape else None
@@ -132,6 +137,7 @@ class TopKActivation(keras.layers.Layer):
             raise ValueError(
                 f"TopKActivation {self.name!r} needs a known last dimension, "
                 f"got input shape {input_shape}.")
+        self.mlp_dim = mlp_dim
         if self.k is not None:
             ops.validate_k(self.k, mlp_dim)
         self.nonzero_fraction = _sparsity_metric(self, mlp_dim,
@@ -140,6 +146,11 @@ class TopKActivation(keras.layers.Layer):
 
     def call(self, inputs):
         _check_floating(inputs, self)
+        if self.scorer is not None and \
+                self.scorer(self, inputs) is not None:
+            raise TypeError(
+                f"TopKActivation {self.name!r}: its scorer chose neurons, "
+                f"which only a SparseMLP's can (it has the kernels).")
         outputs = inputs
         if self.k is not None:
             outputs = ops.topk_mask(inputs, self.k, self.method,

@@ -169,21 +169,23 @@ class _Recorder:
         if flat is None:
             raise RuntimeError(
                 f"recording_inputs needs eager calls (model(x)), but "
-                f"SparseMLP {mlp.name!r} is being traced (predict, "
-                f"tf.function, jax.jit).")
+                f"{type(mlp).__name__} {mlp.name!r} is being traced "
+                f"(predict, tf.function, jax.jit).")
         self.append(flat.reshape(-1, inputs.shape[-1]))
         return None
 
 
 @contextlib.contextmanager
 def recording_inputs(mlps):
-    """Records what the given `SparseMLP`s are called with, eagerly.
+    """Records what the given `SparseMLP`s (or `TopKActivation`s) are
+    called with, eagerly.
 
     Their scorers, if any, are set aside meanwhile (the calls take the
     layers' own paths) and put back on exit.
 
     Args:
-      mlps: `{name: SparseMLP}`, e.g. `model.sparse_mlps()`.
+      mlps: `{name: SparseMLP or TopKActivation}`, e.g.
+        `model.sparse_mlps()`.
 
     Yields:
       `{name: [inputs [tokens, d], ...]}`, one entry per eager call made

@@ -209,7 +209,7 @@ def initial_nonzero(config, batches):
         del kwargs["name"]
         model = spec.build(kwargs, registry.DataSpec(
             train_data.element_spec, data.features(config.data)))
-        model(_numpy(next(iter(train_data))[0]),
+        model(data.numpy_inputs(next(iter(train_data))[0]),
               training=False)  # builds the metrics
         mlps = model.sparse_mlps()
         measured = {}
@@ -218,17 +218,12 @@ def initial_nonzero(config, batches):
             for mlp in mlps.values():
                 mlp.nonzero_fraction.reset_state()
             for batch in stream:
-                model(_numpy(batch[0]), training=False)
+                model(data.numpy_inputs(batch[0]), training=False)
             measured[split] = {name: float(mlp.nonzero_fraction.result())
                                for name, mlp in mlps.items()}
     finally:
         keras.mixed_precision.set_global_policy(previous_policy)
     return measured
-
-
-def _numpy(inputs):
-    """A batch's model inputs as numpy, which every backend takes."""
-    return keras.tree.map_structure(np.asarray, inputs)
 
 
 def run(study, workdir, log=print):

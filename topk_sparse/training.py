@@ -16,7 +16,8 @@ dead fractions and histograms, `topk_sparse.callbacks.SparsityCallback`;
 evaluators add their own folders), `backup/` (the
 training state after every epoch: a killed run started again with the same
 workdir resumes from its last finished epoch), `report.json` and
-`model.keras` (at the end).
+`model.keras` (at the end); with `config.model.k = "auto:<mean k>"`,
+`allocation.json` (the k per MLP allocated before training).
 
 `config` is an `ml_collections.ConfigDict` from a `configs/*.py` file; see
 `configs/vit_digits.py` for every key.
@@ -35,8 +36,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from topk_sparse import (callbacks, checkpoint, checks, data, distribute,
-                         evaluation, optimizers, registry)
+from topk_sparse import (allocation, callbacks, checkpoint, checks, data,
+                         distribute, evaluation, optimizers, registry,
+                         sparsity)
 
 del evaluation  # imported for its registrations
 
@@ -108,18 +110,34 @@ def train(config, workdir, strategy=None):
     total_steps = config.epochs * steps_per_epoch
 
     # === Model and optimizer ===
+    budget = auto_budget(config.model.get("k"))
+    initial = _initial_model(config, budget)
     previous_policy = keras.mixed_precision.global_policy()
     keras.mixed_precision.set_global_policy(config.mixed_precision)
     try:
         with strategy.scope():
             model_kwargs = dict(config.model)
             del model_kwargs["name"]
-            with _config_errors("config.model"):
-                model = spec.build(model_kwargs, registry.DataSpec(
-                    train_data.element_spec, data.features(config.data)))
-            if not model.built:  # checkpoint.restore needs the variables
-                model(keras.tree.map_structure(
-                    np.asarray, next(iter(train_data))[0]))
+
+            def build(**changes):
+                with _config_errors("config.model"):
+                    model = spec.build({**model_kwargs, **changes},
+                                       registry.DataSpec(
+                                           train_data.element_spec,
+                                           data.features(config.data)))
+                if not model.built:  # checkpoint.restore needs variables
+                    model(data.numpy_inputs(next(iter(train_data))[0]))
+                return model
+
+            model = build(**({} if budget is None else {"k": None}))
+            if initial is not None:
+                _copy_weights(initial, model, config.init_from)
+            allocated = None
+            if budget is not None:  # allocated on the dense model
+                allocated = _allocated_k(config, model, train_data,
+                                         workdir, budget)
+                dense, model = model, build(k=allocated["k"])
+                _copy_weights(dense, model, config.init_from)
             model.compile(
                 optimizer=optimizers.make(config.optimizer, total_steps),
                 loss=spec.loss(), **spec.metrics(), jit_compile=jit_compile,
@@ -207,6 +225,10 @@ def train(config, workdir, strategy=None):
         # Share of training labels replaced by a uniformly drawn class.
         "label_noise": float(config.data.get("label_noise", 0.0)),
         "k": config.model.get("k"),
+        # The trained model whose weights this run started from, and for
+        # k "auto:<mean k>" the k allocated on it (allocation.json).
+        "init_from": config.get("init_from"),
+        "auto_k": allocated,
         # Each sparse layer's hidden width and k: k / mlp_dim is Top-k's
         # share (k None: dense).
         "mlp_dim": widths,
@@ -244,6 +266,93 @@ def train(config, workdir, strategy=None):
 
 
 ConfigError = checks.ConfigError
+
+AUTO = "auto:"
+"""`config.model.k = "auto:<mean k>"`: one k per MLP, allocated on the
+dense model of `config.init_from` (`topk_sparse.allocation.allocate`) under
+that mean k, then fine-tuned."""
+
+
+def auto_budget(k):
+    """The mean k of `config.model.k = "auto:<mean k>"`, None for any other
+    k (an int, None, a list or mapping: the model checks those)."""
+    if not isinstance(k, str):
+        return None
+    try:
+        if not k.startswith(AUTO):
+            raise ValueError
+        return float(k[len(AUTO):])
+    except ValueError:
+        raise ConfigError(
+            f"config.model.k={k!r} is not a k: give an int, None (dense), a "
+            f"list or mapping of them, or {AUTO}<mean k> (e.g. {AUTO}16) to "
+            f"allocate k per MLP on the dense model of config.init_from."
+        ) from None
+
+
+def _initial_model(config, budget):
+    """The model of `config.init_from` (a finished run's workdir, or a
+    `.keras` file), loaded; None without one."""
+    source = config.get("init_from")
+    if not source:
+        if budget is not None:
+            raise ConfigError(
+                f"config.model.k={config.model.k!r} allocates k on a trained "
+                f"dense model: set config.init_from to its workdir (a run "
+                f"with config.model.k=None) or its .keras file.")
+        return None
+    path = source if source.endswith(".keras") else os.path.join(
+        source, "model.keras")
+    if not tf.io.gfile.exists(path):
+        raise ConfigError(
+            f"config.init_from={source!r}: no {path}. Give a finished run's "
+            f"workdir (it holds model.keras) or a .keras file.")
+    return keras.saving.load_model(path, compile=False)
+
+
+def _copy_weights(source, model, name):
+    """Assigns `source`'s weights to `model`'s (counts left out), or raises
+    a `ConfigError` where the architectures differ."""
+    theirs = sparsity.weights_without_counts(source)
+    mine = sparsity.weights_without_counts(model)
+    shapes = [tuple(w.shape) for w in mine]
+    if shapes != [tuple(w.shape) for w in theirs]:
+        raise ConfigError(
+            f"config.init_from={name!r} holds a model of another "
+            f"architecture ({len(theirs)} weights, {source.count_params()} "
+            f"parameters; this config's: {len(mine)}, "
+            f"{model.count_params()}): give config.model its dimensions.")
+    for weight, value in zip(mine, theirs):
+        weight.assign(value)
+
+
+def _allocated_k(config, model, train_data, workdir, budget):
+    """`config.model.k = "auto:<budget>"`: the k per MLP allocated on
+    `model` (dense, with the weights of `config.init_from`) from
+    `config.eval.allocate.examples` training examples, kept in
+    `<workdir>/allocation.json`: a resumed run reads it back."""
+    path = os.path.join(workdir, "allocation.json")
+    settings = config.eval.allocate
+    how = {"examples": settings.examples, "step": settings.step,
+           "by": settings.by}
+    if tf.io.gfile.exists(path):
+        with tf.io.gfile.GFile(path) as f:
+            allocated = json.load(f)
+        before = {key: allocated.get(key) for key in how}
+        if before != how:
+            raise ConfigError(
+                f"{path} holds k allocated with config.eval.allocate "
+                f"{before}, not {how}: use another --workdir, or the same "
+                f"settings to resume.")
+        return allocated
+    with _config_errors("config.model.k"):
+        chosen = allocation.allocate(
+            model, data.first_inputs(train_data, settings.examples),
+            budget, settings.step, settings.by)
+    allocated = {"mean_k": chosen.mean_k, "k": chosen.k,
+                 "distance": chosen.distance, **how}
+    _write_json(path, allocated)
+    return allocated
 
 # Config keys that change how a run is executed or evaluated, not what it
 # trains: a workdir accepts a config that differs from its own only here.
@@ -406,6 +515,11 @@ def format_report(report, workdir):
         f"x{report['replicas']} on {report['backend']}",
         f"  eval: {metrics}",
     ]
+    if report.get("auto_k"):
+        ks = ", ".join(f"{name} {k}"
+                       for name, k in report["auto_k"]["k"].items())
+        lines.append(f"  k allocated on {report['init_from']} before "
+                     f"training (mean {report['auto_k']['mean_k']:g}): {ks}")
     if report["nonzero_fraction"]:
         lines.append(f"  nonzero fraction of MLP activations (eval): mean "
                      f"{report['mean_nonzero_fraction']:.4f}")
@@ -419,5 +533,9 @@ def format_report(report, workdir):
 
 
 def _write_json(path, obj):
-    with tf.io.gfile.GFile(path, "w") as f:
+    """Writes `obj` to `path` whole: under a temporary name, then renamed
+    (a kill leaves the old file or the new one, never a part)."""
+    temporary = path + ".tmp"
+    with tf.io.gfile.GFile(temporary, "w") as f:
         f.write(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+    tf.io.gfile.rename(temporary, path, overwrite=True)

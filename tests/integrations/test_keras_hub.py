@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from keras_hub.src.models.gemma3n.gemma3n_text_layers import Gemma3nTextMLP
 
-from topk_sparse import TopKActivation, ops
+from topk_sparse import TopKActivation, allocation, ops
 from topk_sparse.integrations import keras_hub as hub
 from topk_sparse.sparsity import weights_without_counts
 
@@ -141,6 +141,55 @@ def test_sparsify_keeps_k_per_mlp_and_survives_keras_file(model, tmp_path):
     assert type(loaded) is type(sparse)
     assert loaded.get_config()["topk"]["k"] == K
     np.testing.assert_array_equal(_output(loaded(inputs)), outputs)
+
+
+def _paths(names):
+    return [name.removesuffix("/nonzero_fraction") for name in names]
+
+
+def test_sparsify_takes_one_k_per_mlp(model, tmp_path):
+    name, backbone, inputs, width, names = model
+    paths = _paths(names)
+    ks = [K if i % 2 == 0 else None for i in range(len(paths))]
+    sparse = hub.sparsify(backbone, ks)
+    assert [layer.k for layer in sparse.topk_activations] == ks
+    by_name = hub.sparsify(backbone, dict(zip(paths, ks)))
+    np.testing.assert_array_equal(_output(by_name(inputs)),
+                                  _output(sparse(inputs)))
+    path = str(tmp_path / f"{name}.keras")
+    by_name.save(path)
+    loaded = keras.saving.load_model(path)
+    assert [layer.k for layer in loaded.topk_activations] == ks
+    np.testing.assert_array_equal(_output(loaded(inputs)),
+                                  _output(sparse(inputs)))
+    with pytest.raises(ValueError, match=f"k has 1 values for {len(paths)} "
+                                         f"MLPs.*{paths[0]}"):
+        hub.sparsify(backbone, [K])
+    with pytest.raises(ValueError, match="k names no MLP .*'mlp_9'"):
+        hub.sparsify(backbone, {**dict(zip(paths, ks)), "mlp_9": K})
+
+
+def test_measure_and_allocate_on_a_backbone(model):
+    name, backbone, inputs, width, names = model
+    measured = hub.sparsify(backbone, None)
+    before = _output(measured(inputs))
+    profiles = allocation.measure(measured, [inputs])
+    np.testing.assert_array_equal(_output(measured(inputs)), before)
+    assert list(profiles) == _paths(names)
+    for profile in profiles.values():
+        assert profile.mlp_dim == width and profile.tokens > 0
+        assert 0 < profile.active.mean() <= width
+        cosine, share = profile.curve(width // 2)
+        assert -1 <= cosine <= 1 and share <= 1
+    chosen = allocation.allocate(measured, [inputs], mean_k=K, step=4)
+    assert sum(chosen.k.values()) == K * len(names)
+    allocated = hub.sparsify(backbone, chosen.k)
+    assert [layer.k for layer in allocated.topk_activations] == list(
+        chosen.k.values())
+    # The search ran the allocated backbone: the same outputs.
+    np.testing.assert_allclose(
+        allocation.output_distance(measured, [inputs], chosen.k),
+        chosen.distance, rtol=1e-6)
 
 
 def test_k_none_only_measures(model):

@@ -14,6 +14,9 @@ defined:
   batches of `(inputs, targets, weights)` for T5.
 """
 
+import keras
+import numpy as np
+
 from topk_sparse import registry
 from topk_sparse.data import images, text  # noqa: F401 (they register)
 
@@ -46,3 +49,17 @@ def features(data_config):
     (images) or `vocab_size` (text)."""
     entry, kwargs = _entry(data_config)
     return entry.features(kwargs)
+
+
+def numpy_inputs(inputs):
+    """Model inputs (a tensor or a dict of them) as numpy arrays, which a
+    model of either backend takes."""
+    return keras.tree.map_structure(np.asarray, inputs)
+
+
+def first_inputs(dataset, number):
+    """The model inputs of `dataset`'s first `number` examples (batches of
+    `(inputs, labels[, weights])`), as one batch of numpy arrays in a list
+    (a list of batches is what calibration and allocation take)."""
+    batch = next(iter(dataset.unbatch().batch(number).take(1)))
+    return [numpy_inputs(batch[0])]

@@ -2,6 +2,7 @@
 
 `sparsify(backbone, k)` returns a copy of a keras-hub backbone (same
 weights) in which every MLP keeps, per token, its `k` largest activations
+(one `k` for all, or one per MLP)
 (*The Lazy Neuron Phenomenon*, arXiv 2210.06313), each MLP with its own
 `NonzeroFraction` metric, `<MLP path>/nonzero_fraction` in `fit` logs.
 `k=None` changes no output and only measures (the natural sparsity of a
@@ -50,7 +51,9 @@ without Top-k, the share of positive pre-activations).
 Importing this module imports keras-hub; `import topk_sparse` does not.
 """
 
+import collections.abc
 import dataclasses
+import re
 
 import keras
 from keras_hub.src.models.gemma.gemma_backbone import GemmaBackbone
@@ -67,6 +70,7 @@ from keras_hub.src.models.vit.vit_layers import MLP as ViTMLP
 
 from topk_sparse import ops, sparsity
 from topk_sparse.layers import TopKActivation
+from topk_sparse.models.common import k_config, k_per_mlp
 
 _PACKAGE = "topk_sparse"
 
@@ -136,13 +140,33 @@ MODELS = {
 goes."""
 
 
+def _in_depth_order(mlps):
+    """`mlps` in layer order: by the numbers in their paths, within each
+    path pattern (the path less its numbers: T5's encoder layers, then its
+    decoder layers) in the order keras-hub tracks them. Tracking order
+    alone is not depth order: Gemma3n's lists its last block first."""
+    def pattern(mlp):
+        return re.sub(r"\d+", "#", mlp.path)
+
+    patterns = list(dict.fromkeys(pattern(mlp) for mlp in mlps))
+    return sorted(mlps, key=lambda mlp: (
+        patterns.index(pattern(mlp)),
+        [int(number) for number in re.findall(r"\d+", mlp.path)]))
+
+
 def _install(backbone, site, k, method, recall_target):
     """Puts a `TopKActivation` (with the MLP's own activation after it) in
-    every MLP of `backbone`; returns them."""
+    every MLP of `backbone`, with its `k` (`k_per_mlp` by MLP path);
+    returns them."""
+    mlps = _in_depth_order([
+        layer for layer in backbone._flatten_layers(include_self=False)
+        if isinstance(layer, site.mlp)])
+    if not mlps:
+        raise ValueError(
+            f"No {site.mlp.__name__} found in {type(backbone).__name__} "
+            f"{backbone.name!r}: keras-hub changed where the MLPs live.")
     installed = []
-    for mlp in backbone._flatten_layers(include_self=False):
-        if not isinstance(mlp, site.mlp):
-            continue
+    for mlp, k in zip(mlps, k_per_mlp(k, [mlp.path for mlp in mlps])):
         host, attribute = site.host(mlp)
         activation = TopKActivation(
             k, method, recall_target, activation=site.activation(mlp),
@@ -159,10 +183,6 @@ def _install(backbone, site, k, method, recall_target):
         if k is not None and isinstance(mlp, Gemma3nTextMLP):
             mlp.activation_sparsity = 0.0  # Top-k replaces Gemma 3n's own
         installed.append(activation)
-    if not installed:
-        raise ValueError(
-            f"No {site.mlp.__name__} found in {type(backbone).__name__} "
-            f"{backbone.name!r}: keras-hub changed where the MLPs live.")
     return installed
 
 
@@ -201,6 +221,17 @@ TopKGemma3Backbone = TOPK_BACKBONES[Gemma3Backbone]
 TopKGemma3nBackbone = TOPK_BACKBONES[Gemma3nBackbone]
 
 
+def _validated(k):
+    """`k` as a backbone's config keeps it, each value checked (the MLP
+    names and widths are checked when the MLPs are found)."""
+    values = k.values() if isinstance(k, collections.abc.Mapping) else \
+        k if isinstance(k, (list, tuple)) else [k]
+    for value in values:
+        if value is not None:
+            ops.validate_k(value)
+    return k_config(k)
+
+
 def sparsify(backbone, k, method="auto", recall_target=0.95):
     """A copy of a keras-hub backbone with Top-k MLPs, same weights.
 
@@ -208,9 +239,11 @@ def sparsify(backbone, k, method="auto", recall_target=0.95):
       backbone: a `T5Backbone`, `ViTBackbone`, `GemmaBackbone`,
         `Gemma3Backbone` or `Gemma3nBackbone` (built, e.g. `from_preset`),
         or one that `sparsify` returned (its Top-k is replaced).
-      k: int or None. Activations kept per token in every MLP, at most the
+      k: int or None: activations kept per token in every MLP, at most the
         MLP's width; None: no Top-k, each MLP only measures its nonzero
-        fraction.
+        fraction. Or one per MLP: a list in layer order, or a mapping by
+        MLP path (the paths of its metrics' names, `<MLP path>/
+        nonzero_fraction`; `topk_sparse.allocation.allocate` gives one).
       method: str. One of `topk_sparse.ops.METHODS`. Defaults to "auto".
       recall_target: float in (0, 1]. Expected recall of `"approx"`.
         Defaults to 0.95.
@@ -222,13 +255,16 @@ def sparsify(backbone, k, method="auto", recall_target=0.95):
       `.nonzero_fraction`; `fit` logs them as `<MLP path>/nonzero_fraction`.
 
     Raises:
-      ValueError: for another backbone class (naming the known ones), or
-        `k` larger than an MLP's width.
+      ValueError: for another backbone class (naming the known ones), `k`
+        larger than an MLP's width, or a `k` list of another length or
+        mapping of other names than the MLPs' (naming them).
 
     Example:
         backbone = keras_hub.models.T5Backbone.from_preset("t5_base_multi")
         measured = sparsify(backbone, k=None)   # natural sparsity
         topk = sparsify(backbone, k=128)        # the paper's Top-128 T5
+        chosen = topk_sparse.allocation.allocate(measured, batches, 128)
+        allocated = sparsify(backbone, k=chosen.k)  # one k per MLP
     """
     base = type(backbone)
     for plain, topk_class in TOPK_BACKBONES.items():
@@ -241,7 +277,7 @@ def sparsify(backbone, k, method="auto", recall_target=0.95):
             "(topk_sparse.integrations.keras_hub.MODELS says where each "
             "one's MLP activation lives).")
     config = backbone.get_config()
-    config["topk"] = {"k": None if k is None else ops.validate_k(k),
+    config["topk"] = {"k": _validated(k),
                       "method": ops.validate_method(method),
                       "recall_target": ops.validate_recall_target(
                           recall_target)}

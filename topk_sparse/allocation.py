@@ -1,0 +1,416 @@
+"""Choosing k: measure what each MLP of a model needs, then give each its own.
+
+Layers of one model differ widely in how many activations their tokens use
+(T5-Base: 1.1% to 12.0% nonzero by layer, *The Lazy Neuron Phenomenon*),
+so one `k` for all is too many for some MLPs and too few for others. Here:
+
+- `measure(model, batches)`: runs the model on a few batches with its MLPs
+  dense (as `k=None`) and gives, per MLP, a `Profile`: the active units
+  per token (mean, quantiles) and, for any `k`, how much of the MLP's output
+  the top-k of each token carries (`Profile.curve`, `Profile.needed_k`);
+- `allocate(model, batches, mean_k)`: one `k` per MLP, their mean at most
+  `mean_k`, chosen greedily in the spirit of TEAL (Liu et al., 2024): from
+  exact (each MLP's `k` at its most active token), lower by `step` the
+  `k` of the MLP whose lowering changes the model's outputs (or the MLP's
+  own) least on `batches`, until the budget is met;
+- `uniform(model, mean_k)`: the baseline, the same `k` everywhere;
+- `output_distance(model, batches, k)`: how far the outputs move at `k`
+  (what `allocate` minimizes);
+- `k_applied(model, k)`: runs the model with other `k`s, restored on exit.
+
+The models are ours (`ViT`, `T5`: their `SparseMLP`s) or keras-hub
+backbones made Top-k by `integrations.keras_hub.sparsify` (their
+`TopKActivation`s: there an MLP's output is its activation's); see
+`mlp_layers`. The `k` mappings are by MLP name, what the models and
+`sparsify` take (`ViT(k={...})`, `sparsify(backbone, k={...})`) and save.
+
+Example:
+>>> model = topk_sparse.models.ViT("micro", image_size=16, num_classes=10)
+>>> batches = [np.random.default_rng(0).normal(size=(8, 16, 16, 3))]
+>>> profiles = measure(model, batches)
+>>> profiles["encoder_block_0_mlp"].tokens
+136
+>>> chosen = allocate(model, batches, mean_k=32)
+>>> sum(chosen.k.values()) <= 2 * 32
+True
+"""
+
+import contextlib
+import dataclasses
+import math
+
+import keras
+import numpy as np
+
+from topk_sparse import checks, ops, scoring
+from topk_sparse.layers import SparseMLP
+from topk_sparse.models.common import k_per_mlp
+from topk_sparse.sparsity import metrics_restored
+
+kops = keras.ops
+
+QUANTILES = (0.1, 0.5, 0.9, 0.99)
+"""The quantiles of active units per token a `Profile` summarizes."""
+
+
+def mlp_layers(model):
+    """`{name: layer}` of the MLPs whose `k` is chosen here, in layer order:
+    our models' `sparse_mlps()` (`SparseMLP`s), or a keras-hub backbone's
+    `TopKActivation`s (`integrations.keras_hub.sparsify`), by MLP path."""
+    if hasattr(model, "sparse_mlps"):
+        found = model.sparse_mlps()
+    else:
+        found = {layer.metric_name.removesuffix("/nonzero_fraction"): layer
+                 for layer in getattr(model, "topk_activations", ())}
+    if not found:
+        raise ValueError(
+            f"Model {model.name!r} has no MLP to choose k for: build it from "
+            f"topk_sparse.models (ViT, T5), or make a keras-hub backbone "
+            f"one with topk_sparse.integrations.keras_hub.sparsify.")
+    return found
+
+
+@contextlib.contextmanager
+def k_applied(model, k):
+    """Runs `model`'s MLPs with `k` inside the context, their own after.
+
+    For eager calls and for the `fit` / `evaluate` / `predict` functions
+    compiled inside (the model's compiled functions are dropped on entry
+    and exit, since `k` is fixed when a function is traced). Two-stage
+    scorers (`topk_sparse.scoring`, calibrated for the MLP's own `k`) are
+    set aside meanwhile. A `.keras` file saved inside still holds the
+    model's own `k`: build the model with `k` to keep it.
+
+    Args:
+      model: a model of `mlp_layers`.
+      k: what the models take: None or an int for all, a list in layer
+        order, or a mapping `{MLP name: k}` (None: dense).
+    """
+    mlps = mlp_layers(model)
+    ks = [None if value is None else ops.validate_k(value, mlp.mlp_dim)
+          for mlp, value in zip(mlps.values(), k_per_mlp(k, list(mlps)))]
+    saved = {name: (mlp.k, mlp.scorer) for name, mlp in mlps.items()}
+    for mlp, value in zip(mlps.values(), ks):
+        mlp.k, mlp.scorer = value, None
+    _drop_compiled(model)
+    try:
+        yield
+    finally:
+        for name, mlp in mlps.items():
+            mlp.k, mlp.scorer = saved[name]
+        _drop_compiled(model)
+
+
+def _drop_compiled(model):
+    for name in ("train_function", "test_function", "predict_function"):
+        if hasattr(model, name):
+            setattr(model, name, None)
+
+
+@dataclasses.dataclass
+class Profile:
+    """What one MLP's tokens need, measured dense (`measure`).
+
+    Attributes:
+      mlp_dim: the MLP's hidden width.
+      tokens: how many tokens were measured.
+      active: int array `[tokens]`, each token's positive activations.
+    The MLP's inputs are kept, to give `curve` at any `k`.
+    """
+    mlp_dim: int
+    tokens: int
+    active: np.ndarray
+    _mlp: object = dataclasses.field(repr=False)
+    _inputs: np.ndarray = dataclasses.field(repr=False)
+    _curve: dict = dataclasses.field(default_factory=dict, repr=False)
+
+    def curve(self, k):
+        """`(cosine, share)` of the MLP's output with the top-`k` of each
+        token against all its activations, means over tokens.
+
+        `cosine`: of the two outputs; `share`: `1 - |y_k - y|² / |y|²`,
+        the share of the output's energy the top-k carries (1: exact; can
+        be below 0). The output bias is left out (the same in both); a
+        token with at most `k` active units counts as 1 in both.
+        """
+        k = ops.validate_k(k, self.mlp_dim)
+        if k not in self._curve:
+            self._curve[k] = _curve(self._mlp, self._inputs, k)
+        return self._curve[k]
+
+    def needed_k(self, cosine=None, share=None):
+        """The least `k` whose `curve` reaches `cosine` (and `share`), found
+        by bisection up to the most units a token has active, where the
+        curve is exact (it rises with `k` in practice: each further `k`
+        adds the largest remaining activation).
+
+        Example: `profile.needed_k(cosine=0.99)`.
+        """
+        if cosine is None and share is None:
+            raise ValueError("needed_k needs a target: cosine=, share= or "
+                             "both (e.g. cosine=0.99).")
+
+        def reaches(k):
+            got_cosine, got_share = self.curve(k)
+            return ((cosine is None or got_cosine >= cosine) and
+                    (share is None or got_share >= share))
+
+        low, high = 1, max(1, min(self.mlp_dim, int(self.active.max())))
+        while low < high:
+            middle = (low + high) // 2
+            if reaches(middle):
+                high = middle
+            else:
+                low = middle + 1
+        return low
+
+    def summary(self, ks=None, cosine=0.99):
+        """A JSON-ready dict: active units per token (mean, max, the
+        `QUANTILES`), `curve` at `ks` (default: the powers of two up to
+        `mlp_dim`; keys are str, as in JSON) and `needed_k(cosine=cosine)`.
+        """
+        ks = ks or [2 ** i for i in range(int(math.log2(self.mlp_dim)) + 1)]
+        return {
+            "mlp_dim": self.mlp_dim, "tokens": self.tokens,
+            "active_mean": float(self.active.mean()),
+            "active_max": int(self.active.max()),
+            **{f"active_p{round(q * 100)}": float(np.quantile(self.active, q))
+               for q in QUANTILES},
+            "curve": {str(k): dict(zip(("cosine", "share"), self.curve(k)))
+                      for k in ks},
+            "needed_k": {f"cosine>={cosine}": self.needed_k(cosine=cosine)},
+        }
+
+
+def _hidden(mlp, inputs):
+    """What the MLP's Top-k selects from (after ReLU), float32:
+    `relu(x W1 + b1)` of a `SparseMLP`, `relu(x)` of a `TopKActivation`."""
+    inputs = kops.cast(inputs, "float32")
+    if isinstance(mlp, SparseMLP):
+        inputs = mlp.pre_activations(inputs)
+    return kops.relu(inputs)
+
+
+def _outputs(mlp, inputs, k):
+    """`(dense, top-k)`: the MLP's output (a `TopKActivation`'s is its
+    activation's) with all its activations and with the `k` largest per
+    token, float32; the output bias left out."""
+    if isinstance(mlp, SparseMLP):
+        activations = _hidden(mlp, inputs)
+        kernel = kops.cast(mlp.output_kernel, "float32")
+        values, indices = ops.topk_activations(activations, k, "exact")
+        return (ops.project(activations, kernel),
+                ops.sparse_mlp_product(values, indices, kernel))
+    inputs = kops.cast(inputs, "float32")
+    activation = mlp._activation or (lambda x: x)
+    kept = ops.topk_mask(inputs, k, "exact")  # relu'd already
+    if mlp.activation != "relu":
+        kept = activation(kept)
+    return activation(inputs), kept
+
+
+def _curve(mlp, inputs, k, chunk=1024):
+    """`Profile.curve` of `mlp` at `k` on `inputs` `[tokens, d]`, in
+    float32 whatever the model's precision."""
+    # Where a token has at most k active units, the top-k output is the
+    # dense one (up to rounding), unless an activation other than ReLU
+    # also passes negative inputs.
+    exact_below_k = isinstance(mlp, SparseMLP) or mlp.activation == "relu"
+    cosines, shares = [], []
+    for start in range(0, len(inputs), chunk):
+        part = inputs[start:start + chunk]
+        dense, kept = _outputs(mlp, part, k)
+        energy = kops.sum(dense * dense, -1)
+        exact = energy == 0
+        if exact_below_k:
+            active = kops.sum(kops.cast(_hidden(mlp, part) > 0, "int32"), -1)
+            exact = kops.logical_or(exact, active <= k)
+        cosine = kops.sum(kept * dense, -1) / kops.maximum(
+            kops.norm(kept, axis=-1) * kops.norm(dense, axis=-1), 1e-30)
+        share = 1 - kops.sum((kept - dense) ** 2, -1) / kops.maximum(
+            energy, 1e-30)
+        cosines.append(kops.convert_to_numpy(kops.where(exact, 1.0, cosine)))
+        shares.append(kops.convert_to_numpy(kops.where(exact, 1.0, share)))
+    return (float(np.mean(np.concatenate(cosines))),
+            float(np.mean(np.concatenate(shares))))
+
+
+def measure(model, batches):
+    """Each MLP's `Profile` on `batches`, its MLPs dense meanwhile.
+
+    The model runs eagerly, in inference mode, with every MLP at `k=None`
+    (ReLU: all positive activations); its outputs, `k`s and sparsity
+    metrics are as they were after.
+
+    Args:
+      model: a model of `mlp_layers`: `topk_sparse.models.ViT`, `T5`, or a
+        keras-hub backbone from `integrations.keras_hub.sparsify` (its
+        `k=None` copy measures the backbone as it is).
+      batches: iterable of model inputs (a few batches, thousands of
+        tokens).
+
+    Returns:
+      `{MLP name: Profile}`, in layer order.
+    """
+    mlps = mlp_layers(model)
+    with k_applied(model, None), metrics_restored(model), \
+            scoring.recording_inputs(mlps) as records:
+        for batch in batches:
+            model(batch, training=False)
+    if not all(records.values()):
+        raise ValueError("measure got no batches: pass a few batches of "
+                         "model inputs.")
+    profiles = {}
+    for name, mlp in mlps.items():
+        inputs = np.concatenate(records[name])
+        active = np.concatenate([kops.convert_to_numpy(kops.sum(kops.cast(
+            _hidden(mlp, part) > 0, "int32"), -1)) for part in records[name]])
+        profiles[name] = Profile(mlp.mlp_dim, len(inputs), active, mlp,
+                                 inputs)
+    return profiles
+
+
+def relative_error(outputs, reference):
+    """`|outputs - reference|² / |reference|²` over every output (a model's
+    outputs may be a tree): `allocate`'s default distance."""
+    error = energy = 0.0
+    for got, want in zip(keras.tree.flatten(outputs),
+                         keras.tree.flatten(reference)):
+        got = np.asarray(kops.convert_to_numpy(got), np.float64)
+        want = np.asarray(kops.convert_to_numpy(want), np.float64)
+        error += float(np.sum((got - want) ** 2))
+        energy += float(np.sum(want ** 2))
+    return error / max(energy, 1e-300)
+
+
+def _distance(model, batches, reference, k, distance):
+    """Mean `distance` over `batches` of the model's outputs at `k` to
+    `reference` (its outputs there, as it is)."""
+    with k_applied(model, k):
+        return float(np.mean([distance(model(batch, training=False), want)
+                              for batch, want in zip(batches, reference)]))
+
+
+def output_distance(model, batches, k, distance=relative_error):
+    """How far `model`'s outputs move on `batches` when its MLPs run at `k`
+    (mean `distance`, default `relative_error`, to its outputs as it is):
+    what `allocate` minimizes, e.g. to compare `uniform` with it on held-out
+    batches. The model's metrics are left as they were."""
+    batches = list(batches)
+    with metrics_restored(model):
+        reference = [model(batch, training=False) for batch in batches]
+        return _distance(model, batches, reference, k, distance)
+
+
+@dataclasses.dataclass(frozen=True)
+class Allocation:
+    """What `allocate` chose.
+
+    Attributes:
+      k: `{MLP name: k}`, what the models take as `k`.
+      mean_k: the mean of `k`.
+      distance: what the search minimized, at `k`: the model's output
+        distance to its own on the batches (`by="model"`), or the mean
+        energy share the MLPs' outputs lost (`by="mlp"`).
+      history: one `(mean_k, distance, MLP lowered)` per greedy step.
+    """
+    k: dict
+    mean_k: float
+    distance: float
+    history: tuple
+
+
+def _validate_budget(mean_k, mlps):
+    smallest = min(mlp.mlp_dim for mlp in mlps.values())
+    if isinstance(mean_k, bool) or not isinstance(mean_k, (int, float)) or \
+            not 1 <= mean_k <= smallest:
+        raise ValueError(
+            f"mean_k must be a number in [1, {smallest}] (the narrowest "
+            f"MLP's width), got {mean_k!r}.")
+    return mean_k
+
+
+def uniform(model, mean_k):
+    """The same `k` for every MLP, `floor(mean_k)`: the baseline that
+    `allocate` must beat at the same budget."""
+    mlps = mlp_layers(model)
+    k = int(_validate_budget(mean_k, mlps))
+    return {name: k for name in mlps}
+
+
+BY = ("model", "mlp")
+"""What `allocate` keeps close: the model's outputs, or each MLP's own."""
+
+
+def allocate(model, batches, mean_k, step=None, by="model",
+             distance=relative_error):
+    """One `k` per MLP, their mean at most `mean_k`, chosen greedily.
+
+    The start is exact on `batches`: each MLP's own `k` (a Top-k model's),
+    or, dense, the most units active in any of its tokens (`measure`),
+    rounded up to `step`. Each greedy step lowers by `step` the `k` of
+    the MLP whose lowering changes least
+    - `by="model"`: the model's outputs (`distance` to its outputs as it
+      is, on `batches`): one eager pass over `batches` per MLP and step,
+      so keep them few (hundreds of examples) and the model small;
+    - `by="mlp"`: the MLP's own output (the mean over MLPs of the energy
+      share lost, `1 - Profile.curve(k)[1]`): no model passes after
+      `measure`, for models whose many MLPs make the first too slow; it
+      does not see how the model's output weighs each MLP.
+    The last step lowers only what is left of the budget. Judge the result
+    on data held out from `batches`.
+
+    Args:
+      model: a model of `mlp_layers`.
+      batches: list of model inputs.
+      mean_k: number, the budget: the mean `k` over MLPs, in `[1, the
+        narrowest MLP's width]`.
+      step: int or None. How much one greedy step lowers a `k`; None:
+        a 32nd of the widest MLP (at least 1).
+      by: one of `BY`. Defaults to "model".
+      distance: `(outputs, reference) -> float`, for `by="model"`;
+        defaults to `relative_error`.
+
+    Returns:
+      An `Allocation`.
+    """
+    mlps = mlp_layers(model)
+    _validate_budget(mean_k, mlps)
+    if by not in BY:
+        raise ValueError(f"Unknown by={by!r}: choose one of {BY}.")
+    batches = list(batches)
+    if not batches:
+        raise ValueError("allocate got no batches: pass a few batches of "
+                         "model inputs.")
+    step = checks.positive_int(
+        step if step is not None else
+        max(1, max(mlp.mlp_dim for mlp in mlps.values()) // 32), "step")
+    with metrics_restored(model):
+        active = measure(model, batches)
+        if by == "model":
+            reference = [model(batch, training=False) for batch in batches]
+
+        def tried(k):
+            if by == "mlp":
+                return float(np.mean([1 - active[name].curve(value)[1]
+                                      for name, value in k.items()]))
+            return _distance(model, batches, reference, k, distance)
+
+        k = {name: mlp.k if mlp.k is not None else min(
+            mlp.mlp_dim, step * math.ceil(active[name].active.max() / step))
+            for name, mlp in mlps.items()}
+        k = {name: max(1, value) for name, value in k.items()}
+        budget = math.floor(mean_k * len(mlps))
+        history = []
+        current = tried(k)
+        while sum(k.values()) > budget:
+            cut = min(step, sum(k.values()) - budget)
+            lower = {name: max(1, value - cut) for name, value in k.items()
+                     if value > 1}
+            trials = {name: tried({**k, name: value})
+                      for name, value in lower.items()}
+            lowered = min(trials, key=trials.get)
+            k[lowered] = lower[lowered]
+            current = trials[lowered]
+            history.append((sum(k.values()) / len(k), current, lowered))
+    return Allocation(k, sum(k.values()) / len(k), current, tuple(history))
