@@ -190,6 +190,23 @@ def test_model_calibration_records_every_mlp_eagerly():
     assert all(m.scorer.rank == 16 for m in model.sparse_mlps().values())
 
 
+def test_each_mlp_scores_its_own_k():
+    keras.utils.set_random_seed(0)
+    model = ViT("micro", image_size=16, num_classes=10, k=[4, 8])
+    images = np.random.default_rng(11).normal(
+        size=(2, 8, 16, 16, 3)).astype("float32")
+    quality = scoring.calibrate(model, images, rank=8)
+    # Candidates default to 4 k, each MLP's own.
+    assert {path: q["candidates"] for path, q in quality.items()} == {
+        "encoder_block_0_mlp": 16, "encoder_block_1_mlp": 32}
+    assert {path: mlp_.scorer.candidates for path, mlp_ in
+            model.sparse_mlps().items()} == {"encoder_block_0_mlp": 16,
+                                             "encoder_block_1_mlp": 32}
+    values, indices = model.sparse_mlps()["encoder_block_1_mlp"].scorer.topk(
+        np.ones((1, 32), "float32"), 8)
+    assert values.shape == indices.shape == (1, 8)
+
+
 def test_calibrated_two_stage_scoring_runs_in_cached_decoding(monkeypatch):
     # Each decoding step's decoder MLPs see one token per sequence: the
     # calibrated scorer picks their neurons (the loop body runs once per

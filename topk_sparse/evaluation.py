@@ -179,8 +179,12 @@ def _measure_two_stage(run):
         run.model, data.first_inputs(run.train_data, two_stage.examples),
         two_stage.rank, two_stage.candidates,
         held_out=data.first_inputs(run.eval_data, two_stage.examples))
-    mlp = next(iter(run.model.sparse_mlps().values()))
-    result = {"rank": two_stage.rank, "candidates": mlp.scorer.candidates,
+    candidates = {m["candidates"] for m in layers.values()}
+    result = {"rank": two_stage.rank,
+              # One count for all MLPs, or None: each has its own (4 k of
+              # its own k), in "layers".
+              "candidates": candidates.pop() if len(candidates) == 1
+              else None,
               **{name: float(np.mean([m[name] for m in layers.values()]))
                  for name in ("recall", "cosine")},
               "max_tokens": min(m["max_tokens"] for m in layers.values()),
@@ -198,8 +202,8 @@ registry.register_evaluator(
     requested=lambda config: bool(config.eval.two_stage.rank),
     check=_check_two_stage, evaluate=_measure_two_stage,
     describe=lambda report: [
-        f"two-stage scoring (rank {r['rank']}, {r['candidates']} "
-        f"candidates), mean over MLPs on test tokens: recall of the exact "
+        f"two-stage scoring (rank {r['rank']}, "
+        f"{r['candidates'] or 'per-MLP'} candidates), mean over MLPs on test tokens: recall of the exact "
         f"top-k {r['recall']:.4f}, output cosine {r['cosine']:.4f}; runs "
         + (f"on calls of at most {r['max_tokens']} tokens" if r["max_tokens"]
            else f"on no call: candidates exceed {GATHER_MAX_SHARE} of "

@@ -305,9 +305,10 @@ def calibrate(model, batches, rank, candidates=None, held_out=None):
     The model's metrics (its layers' sparsity) are left as they were.
 
     Returns:
-      `{mlp path: {"recall", "cosine", "max_tokens"}}`: see
-      `measure_two_stage` and `max_tokens` (0: the scorer never runs at
-      these `candidates`, whatever it measures).
+      `{mlp path: {"recall", "cosine", "candidates", "max_tokens"}}`: see
+      `measure_two_stage`, each MLP's candidates (the default is its own
+      `4 k`) and `max_tokens` (0: the scorer never runs at these
+      `candidates`, whatever it measures).
     """
     mlps = model.sparse_mlps()
 
@@ -323,6 +324,7 @@ def calibrate(model, batches, rank, candidates=None, held_out=None):
     for name, mlp in mlps.items():
         calibrate_mlp(mlp, calibration[name], rank, candidates)
     return {name: {**measure_two_stage(mlp, measured[name]),
+                   "candidates": mlp.scorer.candidates,
                    "max_tokens": max_tokens(mlp)}
             for name, mlp in mlps.items()}
 
