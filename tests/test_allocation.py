@@ -118,7 +118,7 @@ def test_allocation_spends_the_budget_where_the_output_needs_it():
     assert [lowered for *_, lowered in chosen.history].count(
         "encoder_block_1_mlp") > 0
     assert chosen.history[-1][:2] == (20, chosen.distance)
-    uniform = allocation.uniform(model, 20)
+    uniform = allocation.uniform(model, np.int64(20))
     assert uniform == {"encoder_block_0_mlp": 20, "encoder_block_1_mlp": 20}
     assert allocation.output_distance(model, held_out, chosen.k) < \
         0.7 * allocation.output_distance(model, held_out, uniform)

@@ -38,6 +38,7 @@ True
 import contextlib
 import dataclasses
 import math
+import numbers
 
 import keras
 import numpy as np
@@ -322,7 +323,7 @@ class Allocation:
 
 def _validate_budget(mean_k, mlps):
     smallest = min(mlp.mlp_dim for mlp in mlps.values())
-    if isinstance(mean_k, bool) or not isinstance(mean_k, (int, float)) or \
+    if isinstance(mean_k, bool) or not isinstance(mean_k, numbers.Real) or \
             not 1 <= mean_k <= smallest:
         raise ValueError(
             f"mean_k must be a number in [1, {smallest}] (the narrowest "
