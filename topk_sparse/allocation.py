@@ -55,14 +55,11 @@ QUANTILES = (0.1, 0.5, 0.9, 0.99)
 
 
 def mlp_layers(model):
-    """`{name: layer}` of the MLPs whose `k` is chosen here, in layer order:
-    our models' `sparse_mlps()` (`SparseMLP`s), or a keras-hub backbone's
-    `TopKActivation`s (`integrations.keras_hub.sparsify`), by MLP path."""
-    if hasattr(model, "sparse_mlps"):
-        found = model.sparse_mlps()
-    else:
-        found = {layer.metric_name.removesuffix("/nonzero_fraction"): layer
-                 for layer in getattr(model, "topk_activations", ())}
+    """`model.sparse_mlps()`, the MLPs whose `k` is chosen here by name, in
+    layer order: our models' `SparseMLP`s, or the `TopKActivation`s of a
+    keras-hub backbone from `integrations.keras_hub.sparsify` (by MLP
+    path)."""
+    found = model.sparse_mlps() if hasattr(model, "sparse_mlps") else None
     if not found:
         raise ValueError(
             f"Model {model.name!r} has no MLP to choose k for: build it from "
@@ -314,11 +311,14 @@ class Allocation:
         distance to its own on the batches (`by="model"`), or the mean
         energy share the MLPs' outputs lost (`by="mlp"`).
       history: one `(mean_k, distance, MLP lowered)` per greedy step.
+      profiles: `{MLP name: Profile}`, the `measure` of the batches it
+        started from.
     """
     k: dict
     mean_k: float
     distance: float
     history: tuple
+    profiles: dict = dataclasses.field(repr=False)
 
 
 def _validate_budget(mean_k, mlps):
@@ -397,10 +397,9 @@ def allocate(model, batches, mean_k, step=None, by="model",
                                       for name, value in k.items()]))
             return _distance(model, batches, reference, k, distance)
 
-        k = {name: mlp.k if mlp.k is not None else min(
-            mlp.mlp_dim, step * math.ceil(active[name].active.max() / step))
+        k = {name: mlp.k if mlp.k is not None else max(1, min(
+            mlp.mlp_dim, step * math.ceil(active[name].active.max() / step)))
             for name, mlp in mlps.items()}
-        k = {name: max(1, value) for name, value in k.items()}
         budget = math.floor(mean_k * len(mlps))
         history = []
         current = tried(k)
@@ -414,4 +413,5 @@ def allocate(model, batches, mean_k, step=None, by="model",
             k[lowered] = lower[lowered]
             current = trials[lowered]
             history.append((sum(k.values()) / len(k), current, lowered))
-    return Allocation(k, sum(k.values()) / len(k), current, tuple(history))
+    return Allocation(k, sum(k.values()) / len(k), current, tuple(history),
+                      active)

@@ -203,8 +203,9 @@ registry.register_evaluator(
     check=_check_two_stage, evaluate=_measure_two_stage,
     describe=lambda report: [
         f"two-stage scoring (rank {r['rank']}, "
-        f"{r['candidates'] or 'per-MLP'} candidates), mean over MLPs on test tokens: recall of the exact "
-        f"top-k {r['recall']:.4f}, output cosine {r['cosine']:.4f}; runs "
+        f"{r['candidates'] or 'per-MLP'} candidates), mean over MLPs on "
+        f"test tokens: recall of the exact top-k {r['recall']:.4f}, output "
+        f"cosine {r['cosine']:.4f}; runs "
         + (f"on calls of at most {r['max_tokens']} tokens" if r["max_tokens"]
            else f"on no call: candidates exceed {GATHER_MAX_SHARE} of "
                 f"mlp_dim, lower them")
@@ -237,7 +238,6 @@ def _allocate(run):
     chosen = allocation.allocate(run.model, batches, allocate.mean_k,
                                  allocate.step, allocate.by)
     uniform = allocation.uniform(run.model, allocate.mean_k)
-    profiles = allocation.measure(run.model, batches)
     evaluated = {}
     with sparsity.metrics_restored(run.model):
         for name, k in (("uniform", uniform), ("allocated", chosen.k)):
@@ -254,13 +254,13 @@ def _allocate(run):
                                                        uniform),
         **evaluated,
         "layers": {name: profile.summary()
-                   for name, profile in profiles.items()}}
+                   for name, profile in chosen.profiles.items()}}
     writer = tf.summary.create_file_writer(_log_dir(run, "allocation"))
     with writer.as_default(step=run.step()):
         for name in ("uniform", "allocated"):
             for key, value in evaluated[name].items():
                 tf.summary.scalar(f"allocation/{name}/{key}", value)
-        for name, profile in profiles.items():
+        for name, profile in chosen.profiles.items():
             tf.summary.scalar(f"allocation/k/{name}", chosen.k[name])
             tf.summary.histogram(f"allocation/active_units/{name}",
                                  profile.active)

@@ -73,6 +73,7 @@ from topk_sparse.layers import TopKActivation
 from topk_sparse.models.common import k_config, k_per_mlp
 
 _PACKAGE = "topk_sparse"
+_METRIC_SUFFIX = "/nonzero_fraction"  # of `<MLP path>/nonzero_fraction`
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,7 +171,7 @@ def _install(backbone, site, k, method, recall_target):
         host, attribute = site.host(mlp)
         activation = TopKActivation(
             k, method, recall_target, activation=site.activation(mlp),
-            metric_name=f"{mlp.path}/nonzero_fraction",
+            metric_name=mlp.path + _METRIC_SUFFIX,
             dtype=host.dtype_policy,
             name=mlp.path.replace("/", "_") + "_topk")
         # Built here, outside any traced function, so that its metric
@@ -203,11 +204,18 @@ def _topk_backbone_class(base):
             return {**super().get_config(),
                     "topk": dict(self._topk_config)}
 
+        def sparse_mlps(self):
+            """Each MLP's `TopKActivation` by MLP path, in depth order (as
+            `topk_sparse.models.ViT.sparse_mlps`): the names `sparsify`'s
+            `k` mapping and `topk_sparse.allocation` use."""
+            return {layer.metric_name.removesuffix(_METRIC_SUFFIX): layer
+                    for layer in self.topk_activations}
+
     TopKBackbone.__name__ = TopKBackbone.__qualname__ = (
         f"TopK{base.__name__}")
     TopKBackbone.__doc__ = (
         f"`{base.__name__}` with Top-k MLPs (`sparsify`); extra argument "
-        "`topk={'k', 'method', 'recall_target'}`.")
+        "`topk={'k', 'method', 'recall_target'}`; `sparse_mlps()`.")
     TopKBackbone.__module__ = __name__
     return keras.saving.register_keras_serializable(package=_PACKAGE)(
         TopKBackbone)
