@@ -6,12 +6,13 @@ weights with Top-k MLPs: `masked` (`implementation="masked"`: every MLP
 multiplies both kernels densely), `default` (`implementation="auto"`: the
 decoder's MLPs, which see one token per sequence per step, take the
 gathered path while batch x k is at most a sixth of mlp_dim) and
-`two-stage` (`default` after `scoring.calibrate` at `--rank` /
-`--candidates`: its first stage reads a low-rank factorization of W1, and
-runs while batch x candidates is at most a sixth of mlp_dim, else that row
-is the plain gathered path). Each model is timed in each mode of the
-backend (tf.function and jit_compile=True on TensorFlow, jax.jit on JAX:
-`benchmarks/backends.py`), at each batch size.
+`allocated` (`default` with one k per MLP, their mean at most `--k`:
+`allocation.allocate` on the dense model) and `two-stage` (`default` after
+`scoring.calibrate` at `--rank` / `--candidates`: its first stage reads a
+low-rank factorization of W1, and runs while batch x candidates is at most
+a sixth of mlp_dim, else that row is the plain gathered path). Each model
+is timed in each mode of the backend (tf.function and jit_compile=True on
+TensorFlow, jax.jit on JAX: `benchmarks/backends.py`), at each batch size.
 
 Each case also times its encoder alone, so that a decoding step's time is
 `(generate - encode) / max_length`. It is compared with a memory probe, the
@@ -30,10 +31,17 @@ the probe time (1: the memory-bound limit).
 timed apart (all blocks' self- and cross-attention with their norms, all
 MLPs with their norms, the output projection), to see where a step goes.
 
-Two-stage scoring is calibrated on the model's own inputs for random source
-and target tokens; on random weights it keeps only part of the exact top-k
+Two-stage scoring is calibrated, and k allocated, on the same
+`--calibration_batches` batches of random source and target tokens. On
+random weights two-stage scoring keeps only part of the exact top-k
 (`two_stage_recall` in the JSON), so its rows show speed, not quality (see
-benchmarks/recall.py).
+benchmarks/recall.py); and the allocation is the library's choice for
+these weights (`allocated_k` in the JSON), not a trained model's. Its
+speed depends only on the k per MLP: `auto` gathers an MLP's second
+projection while its tokens x its own k is at most a sixth of mlp_dim, so
+with k spread unevenly, an MLP given more than `--k` leaves the gathered
+path at a smaller batch than uniform k does (and one given less stays on
+it longer): that is what `allocated` beside `default` shows.
 
 Usage:
   python benchmarks/decode.py              # small and base, batch 1, 4, 16
@@ -44,6 +52,7 @@ Usage:
 """
 
 import argparse
+import gc
 import json
 import time
 
@@ -53,42 +62,53 @@ import numpy as np
 import backends
 from backends import MODES
 from topk_mlp import measure, normal, print_table
-from topk_sparse import scoring
+from topk_sparse import allocation, scoring
 from topk_sparse.models import T5, T5_VARIANTS
 
 
-def _models(args, variant):
-    """`{case: T5}`, every Top-k model with the dense model's weights."""
+def _calibration_batches(args):
+    """`--calibration_batches` batches of 4 x source_length random tokens,
+    what two-stage scoring is calibrated and k allocated on."""
+    rng = np.random.default_rng(1)
+    batches = []
+    for _ in range(args.calibration_batches):
+        tokens = rng.integers(1, args.vocab_size,
+                              size=(4, args.source_length)).astype("int32")
+        batches.append({"encoder_tokens": tokens, "decoder_tokens": tokens})
+    return batches
+
+
+def _models(args, variant, batches):
+    """`{case: T5}`, every Top-k model with the dense model's weights, and
+    the `allocation.Allocation` of the `allocated` case."""
     def t5(**kwargs):
         return T5(variant, vocab_size=args.vocab_size, dropout_rate=0.0,
                   **kwargs)
 
     keras.utils.set_random_seed(0)
     models = {"dense": t5()}
+    # by="mlp" lowers the k whose MLP's own output loses least: after one
+    # measuring pass over `batches` it needs no model pass, where
+    # by="model" runs the model eagerly on them once per MLP and greedy
+    # step (T5-Base: 24 MLPs, hundreds of steps).
+    allocated = allocation.allocate(models["dense"], batches, args.k,
+                                    by="mlp")
     topk = f"top-{args.k}"
     models[f"{topk} masked"] = t5(k=args.k, implementation="masked")
     models[f"{topk} default"] = t5(k=args.k)
+    models[f"{topk} allocated"] = t5(k=allocated.k)
     models[f"{topk} two-stage"] = t5(k=args.k)
     weights = models["dense"].get_weights()
     for name, model in models.items():
         if name != "dense":
             model.set_weights(weights)
-    return models
+    return models, allocated
 
 
-def _calibrate(args, model):
-    """Two-stage scoring from `--calibration_batches` random batches of
-    4 x source_length tokens; returns the mean recall over the MLPs."""
-    rng = np.random.default_rng(1)
-
-    def batch():
-        tokens = rng.integers(1, args.vocab_size,
-                              size=(4, args.source_length)).astype("int32")
-        return {"encoder_tokens": tokens, "decoder_tokens": tokens}
-
-    measured = scoring.calibrate(
-        model, [batch() for _ in range(args.calibration_batches)],
-        args.rank, args.candidates)
+def _calibrate(args, model, batches):
+    """Two-stage scoring calibrated on `batches`; returns the mean recall
+    over the MLPs."""
+    measured = scoring.calibrate(model, batches, args.rank, args.candidates)
     return float(np.mean([m["recall"] for m in measured.values()]))
 
 
@@ -170,8 +190,8 @@ def _step_parts(model, batch, args, mode):
 
 
 RATIO_COLUMNS = ["variant", "batch", "mode", "dense tokens/s", "masked",
-                 "default", "two-stage", "default step", "two-stage step",
-                 "dense step/probe"]
+                 "default", "allocated", "two-stage", "default step",
+                 "allocated step", "two-stage step", "dense step/probe"]
 
 
 def ratio_table(rows):
@@ -218,16 +238,21 @@ def main():
 
     result = {"args": vars(args), **backends.record(), "probes": [],
               "rows": [], "profile": []}
+    batches = _calibration_batches(args)
     for variant in args.variants:
-        models = _models(args, variant)
-        recall = _calibrate(args, models[f"top-{args.k} two-stage"])
+        models, allocated = _models(args, variant, batches)
+        recall = _calibrate(args, models[f"top-{args.k} two-stage"], batches)
         probes = memory_probes(models["dense"])
         mb = sum(w.numpy().nbytes
                  for w in step_weights(models["dense"])) / 1e6
         result["probes"].append({"variant": variant, "weights_mb": mb,
-                                 "two_stage_recall": recall})
+                                 "two_stage_recall": recall,
+                                 "allocated_k": allocated.k,
+                                 "allocated_mean_k": allocated.mean_k})
         print(f"\n{variant}: a decoding step reads {mb:.1f} MB of weights; "
-              f"two-stage recall {recall:.3f}", flush=True)
+              f"two-stage recall {recall:.3f}; allocated k (mean "
+              f"{allocated.mean_k:.1f}): "
+              + ", ".join(map(str, allocated.k.values())), flush=True)
         for batch in args.batches:
             tokens = keras.ops.convert_to_tensor(np.random.default_rng(
                 batch).integers(1, args.vocab_size,
@@ -277,7 +302,11 @@ def main():
                     result["profile"].append({
                         "variant": variant, "mode": mode, "case": name,
                         "part": part, "median_ms": 1e3 * float(np.median(t))})
-        del models
+        # The compiled cases hold the models in reference cycles: collect
+        # them before the next variant's (a TensorFlow run of small and base
+        # with --profile ran out of this machine's 23 GB in base's profile).
+        del models, probes, cases
+        gc.collect()
 
     print_table(
         f"T5.generate, {args.source_length} source tokens, "

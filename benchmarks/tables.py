@@ -161,6 +161,17 @@ def decode(result):
                         for p in result["probes"])
     recalls = ", ".join(f"{cell('two_stage_recall', p['two_stage_recall'])} "
                         f"({p['variant']})" for p in result["probes"])
+    # A JSON from before decode.py's `allocated` case has no allocated_k.
+    allocated = "; ".join(
+        f"{p['variant']} {' '.join(map(str, p['allocated_k'].values()))} "
+        f"(mean {p['allocated_mean_k']:.1f})" for p in result["probes"]
+        if "allocated_k" in p)
+    if allocated:
+        allocated = (
+            " `allocated` is `default` with one k per MLP, their mean at "
+            f"most {args['k']}, that `allocation.allocate(by=\"mlp\")` "
+            f"chose for these weights (encoder, then decoder MLPs): "
+            f"{allocated}.")
     text = (f"**Decoding** (`T5.generate`, greedy, {args['source_length']} "
             f"source tokens, {args['max_length']} generated, random "
             "weights): the dense model's tokens/s; per Top-k case "
@@ -169,7 +180,7 @@ def decode(result):
             "(decoding alone); the dense step time over the memory probe's, "
             f"the time to read once the weights a step reads ({weights}). "
             f"Two-stage scoring keeps {recalls} of the exact top-k on these "
-            "weights.\n\n"
+            f"weights.{allocated}\n\n"
             + markdown(["variant", "batch", "mode", "dense tokens/s", *cases,
                         "dense step/probe"], rows))
     # The profile is there only with --profile (an empty list without).

@@ -71,7 +71,8 @@ def base_config():
     # Start from the weights of a trained model of this architecture: a
     # finished run's workdir (its model.keras) or a .keras file. With
     # model.k "auto:<mean k>", k per MLP is allocated on it (dense) first,
-    # as config.eval.allocate says (examples, step, by), then fine-tuned.
+    # as config.eval.allocate says (examples, step, by), then fine-tuned; a
+    # dense run whose own allocation evaluation did the same gives its k.
     config.init_from = config_dict.placeholder(str)
 
     config.optimizer = ml_collections.ConfigDict()

@@ -96,14 +96,22 @@ def _decode_result(profile):
     rows = [_decode_row(1, "jit_compile", "dense", 40.0, 1.0, 1.0, 1.0944),
             _decode_row(1, "jit_compile", "top-8 default", 47.6, 1.19, 1.2241,
                         0.894),
+            _decode_row(1, "jit_compile", "top-8 allocated", 46.8, 1.17,
+                        1.2, 0.912),
             _decode_row(1, "jit_compile", "top-8 two-stage", 54.9, 1.3731,
                         1.438, 0.761),
             _decode_row(16, "jit_compile", "dense", 245.7, 1.0, 1.0, 2.861),
             _decode_row(16, "jit_compile", "top-8 default", 218.2, 0.888,
-                        0.93, 3.076)]
-    return {"args": {"source_length": 4, "max_length": 3},
+                        0.93, 3.076),
+            _decode_row(16, "jit_compile", "top-8 allocated", 250.1, 1.018,
+                        1.02, 2.805)]
+    allocated_k = {"encoder_block_0_mlp": 12, "encoder_block_1_mlp": 12,
+                   "decoder_block_0_mlp": 1, "decoder_block_1_mlp": 6}
+    return {"args": {"k": 8, "source_length": 4, "max_length": 3},
             "probes": [{"variant": "tiny", "weights_mb": 0.25,
-                        "two_stage_recall": 0.8106}],
+                        "two_stage_recall": 0.8106,
+                        "allocated_k": allocated_k,
+                        "allocated_mean_k": 7.75}],
             "rows": rows, "profile": profile}
 
 
@@ -114,13 +122,17 @@ weights): the dense model's tokens/s; per Top-k case \
 included), then the dense step time over its own (decoding alone); the \
 dense step time over the memory probe's, the time to read once the weights \
 a step reads (tiny 0.2 MB). Two-stage scoring keeps 0.811 (tiny) of the \
-exact top-k on these weights.
+exact top-k on these weights. `allocated` is `default` with one k per MLP, \
+their mean at most 8, that `allocation.allocate(by="mlp")` chose for these \
+weights (encoder, then decoder MLPs): tiny 12 12 1 6 (mean 7.8).
 
-| variant | batch | mode | dense tokens/s | top-8 default | top-8 two-stage \
-| dense step/probe |
-| --- | --- | --- | --- | --- | --- | --- |
-| tiny | 1 | jit_compile | 40.000 | 1.190 / 1.224 | 1.373 / 1.438 | 1.094 |
-| tiny | 16 | jit_compile | 245.700 | 0.888 / 0.930 | - | 2.861 |"""
+| variant | batch | mode | dense tokens/s | top-8 default | top-8 allocated \
+| top-8 two-stage | dense step/probe |
+| --- | --- | --- | --- | --- | --- | --- | --- |
+| tiny | 1 | jit_compile | 40.000 | 1.190 / 1.224 | 1.170 / 1.200 \
+| 1.373 / 1.438 | 1.094 |
+| tiny | 16 | jit_compile | 245.700 | 0.888 / 0.930 | 1.018 / 1.020 | - \
+| 2.861 |"""
 
 
 def test_decode_renderer_without_profile():

@@ -126,12 +126,20 @@ def test_decode_benchmark_on_tiny_shapes(tmp_path, backend):
           f"--json={out}"], backend=backend)
     result = json.loads(out.read_text())
     assert result["backend"] == backend
-    cases = ("dense", "top-8 masked", "top-8 default", "top-8 two-stage")
+    cases = ("dense", "top-8 masked", "top-8 default", "top-8 allocated",
+             "top-8 two-stage")
     assert [(r["batch"], r["case"]) for r in result["rows"]] == [
         (1, case) for case in cases]
     [probe] = result["probes"]
     assert probe["variant"] == "tiny" and probe["weights_mb"] > 0
     assert 0 < probe["two_stage_recall"] <= 1
+    # One k per MLP of tiny's 2 + 2 blocks, within the budget --k=8.
+    allocated = probe["allocated_k"]
+    assert list(allocated) == [f"{stack}_block_{i}_mlp" for stack in
+                               ("encoder", "decoder") for i in range(2)]
+    assert all(1 <= k <= 256 for k in allocated.values())
+    assert probe["allocated_mean_k"] == np.mean(list(allocated.values()))
+    assert probe["allocated_mean_k"] <= 8
     for row in result["rows"]:
         assert row["variant"] == "tiny" and row["mode"] == mode
         assert row["tokens_per_s"] > 0 and row["encode_ms"] > 0

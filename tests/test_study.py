@@ -70,24 +70,96 @@ def test_the_full_grid_shares_cells_and_orders_its_runs():
     assert all(tuple(r["config"].eval.corruptions) == tuple(
         config.corruptions) for r in runs if r["cell"] == base)
     assert all(k < config.vit.model.mlp_dim for k in config.k)
-    # Every cell at seeds 0 and 1 first, then claim 4's other seeds.
-    first = [r for r in runs if r["seed"] < 2]
-    assert runs[:len(first)] == first
-    assert {r["cell"] for r in first} == {r["cell"] for r in runs}
+    # Every cell at seeds 0 and 1 first, then claim 4's other seeds, then
+    # the others', then the fine-tunings.
+    trained = [r for r in runs if r["source"] is None]
+    assert runs[:len(trained)] == trained
+    first = [r for r in trained if r["seed"] < 2]
+    assert trained[:len(first)] == first
+    assert {r["cell"] for r in first} == {r["cell"] for r in trained}
     claim4 = set(roles["claim4"].values())
-    rest = [r["cell"] in claim4 for r in runs[len(first):]]
+    rest = [r["cell"] in claim4 for r in trained[len(first):]]
     assert rest == sorted(rest, reverse=True)
 
 
-def test_the_stored_results_page_is_the_page_of_the_stored_study():
-    results = os.path.join(os.path.dirname(__file__), "..", "results")
+def test_the_allocation_cells_fine_tune_from_the_dense_run_of_their_seed():
+    config = study_config.get_config("parts=allocation")
+    runs, roles = study.grid(config, "/work")
+    assert set(roles) == {"allocation"}
+    cells = roles["allocation"]
+    by_name = {r["name"]: r for r in runs}
+    for model in ("vit", "t5"):
+        setting = config.allocation[model]
+        dense = [r for r in runs if r["cell"] == cells[f"{model}/dense"]]
+        assert len(dense) == config.claim4_seeds
+        for run in dense:  # evaluated at the allocation and uniform k
+            assert run["config"].model.k is None
+            assert run["config"].eval.allocate.mean_k == setting.mean_k
+        if model == "vit":
+            assert {r["config"].model.depth for r in dense} == {
+                setting.depth}
+        for key, k in (("auto", f"auto:{setting.mean_k}"),
+                       ("uniform", setting.mean_k)):
+            tuned = [r for r in runs if r["cell"] == cells[f"{model}/{key}"]]
+            assert len(tuned) == config.claim4_seeds
+            for run in tuned:
+                source = by_name[run["source"]]
+                assert source["cell"] == cells[f"{model}/dense"]
+                assert source["seed"] == run["seed"]
+                assert runs.index(source) < runs.index(run)
+                assert run["config"].init_from == os.path.join(
+                    "/work", "runs", source["name"])
+                assert run["config"].model.k == k
+                assert run["config"].epochs == setting.epochs
+                assert run["config"].optimizer.learning_rate == \
+                    setting.learning_rate
+                assert run["config"].eval.allocate.mean_k == 0
+                # "auto" allocates as the dense run's evaluation did.
+                assert run["config"].eval.allocate.examples == \
+                    source["config"].eval.allocate.examples
+    config.parts = ("claims", "allocations")
+    with pytest.raises(ValueError, match="Unknown study parts"):
+        study.grid(config)
+
+
+def test_a_fine_tuning_waits_for_its_source_in_another_process(
+        tmp_path, monkeypatch):
+    workdir = str(tmp_path)
+    config = study_config.get_config("quick,parts=allocation")
+    runs, roles = study.grid(config, workdir)
+    trained = []
+
+    def train(run_config, run_dir):
+        if run_config.init_from:
+            assert os.path.exists(os.path.join(run_config.init_from,
+                                               "report.json"))
+        trained.append(os.path.basename(run_dir))
+        study._write_json(os.path.join(run_dir, "report.json"), {})
+    monkeypatch.setattr(training, "train", train)
+    monkeypatch.setattr(study, "initial_nonzero", lambda *args: {})
+    held = runs[0]  # a dense run another live process trains
+    os.makedirs(os.path.join(workdir, "runs", held["name"]))
+    with open(os.path.join(workdir, "runs", held["name"], "lock"),
+              "w") as f:
+        f.write(str(os.getppid()))
+    assert study.run(config, workdir, log=lambda _: None) is None
+    waiting = {r["name"] for r in runs if r["source"] == held["name"]}
+    assert len(waiting) == 2
+    assert set(trained) == {r["name"] for r in runs} - waiting - {
+        held["name"]}
+
+
+@pytest.mark.parametrize("folder", ["results", "results/allocation"])
+def test_the_stored_results_page_is_the_page_of_the_stored_study(folder):
+    results = os.path.join(os.path.dirname(__file__), "..", folder)
     with open(os.path.join(results, "study.json")) as f:
         summary = json.load(f)
     with open(os.path.join(results, "README.md")) as f:
         assert f.read() == study.results_page(summary), (
-            "results/README.md is stale: write study.results_page of "
-            "results/study.json into it")
-    for name in study.FIGURES:
+            f"{folder}/README.md is stale: write study.results_page of "
+            f"{folder}/study.json into it")
+    assert study.figures_of(summary)
+    for name in study.figures_of(summary):
         assert os.path.exists(os.path.join(results, name)), name
 
 
@@ -116,7 +188,7 @@ def quick(tmp_path_factory):
 @pytest.mark.xdist_group("quick_study")
 def test_quick_study_writes_consistent_outputs(quick):
     config, workdir, summary = quick
-    runs, roles = study.grid(config)
+    runs, roles = study.grid(config, workdir)
     with open(os.path.join(workdir, "study.json")) as f:
         saved = json.load(f)
     assert saved["grid"]["runs"] == len(runs) == len(saved["runs"])
@@ -131,6 +203,9 @@ def test_quick_study_writes_consistent_outputs(quick):
             assert training.config_fingerprint(json.load(f)) == \
                 training.config_fingerprint(spec["config"])
         init = result["init_nonzero"]
+        if spec["source"]:  # a fine-tuning starts trained
+            assert init is None
+            continue
         assert set(init["eval"]) == set(result["report"]["nonzero_fraction"])
         k, mlp_dim = result["report"]["k"], result["config"]["model"][
             "mlp_dim"] if result["report"]["model"] == "vit" else None
@@ -139,15 +214,28 @@ def test_quick_study_writes_consistent_outputs(quick):
                 assert 0.2 < value < 0.8
             else:
                 assert 0 < value <= k / mlp_dim + 1e-6
-    for claim in ("claim1", "claim2", "claim3", "claim4"):
-        rows = saved["claims"][claim]
+    assert list(saved["claims"]) == ["claim1", "claim2", "claim3",
+                                     "claim4", "allocation"]
+    for claim, rows in saved["claims"].items():
         assert rows and all(row["verdict"] in VERDICTS for row in rows)
         for row in rows:
             if row["low"] is not None:
                 assert row["low"] <= row["mean"] <= row["high"]
-    # Claim 4 differences are paired over the claim-4 seeds.
-    assert all(len(row["values"]) == config.claim4_seeds
-               for row in saved["claims"]["claim4"])
+    # Claim 4 and allocation differences are paired over the claim-4 seeds:
+    # per model, allocated - uniform accuracy and loss without and with
+    # fine-tuning, and fine-tuned - dense.
+    for claim in ("claim4", "allocation"):
+        assert all(len(row["values"]) == config.claim4_seeds
+                   for row in saved["claims"][claim])
+    assert len(saved["claims"]["allocation"]) == 2 * 5
+    by_name = {r["name"]: r for r in saved["runs"]}
+    for result in saved["runs"]:
+        if result["cell"] in (roles["allocation"]["vit/auto"],
+                              roles["allocation"]["t5/auto"]):
+            # Fine-tuned at the k the dense run's evaluation allocated.
+            source = by_name[result["config"]["init_from"].split("/")[-1]]
+            assert result["report"]["mlp_k"] == source["report"][
+                "allocation"]["k"]
     with open(os.path.join(workdir, "README.md")) as f:
         text = f.read()
     assert text == study.results_page(saved)
@@ -157,6 +245,7 @@ def test_quick_study_writes_consistent_outputs(quick):
                     "| quantity")]
     assert verdicts == [row["verdict"] for rows in saved["claims"].values()
                         for row in rows]
+    assert study.figures_of(saved) == list(study.FIGURES)
     for name in study.FIGURES:
         assert f"]({name})" in text
         with open(os.path.join(workdir, name), "rb") as f:
@@ -172,7 +261,7 @@ def test_quick_study_writes_consistent_outputs(quick):
         matplotlib.use(previous)
     assert list(figures) == [f"{name}.png" for name in (
         "claim1_sparsity_over_training", "claim2_width_depth",
-        "claim3_random", "claim4_topk")]
+        "claim3_random", "claim4_topk", "allocation")]
     assert all(figure.dpi == 40 and figure.axes
                for figure in figures.values())
 

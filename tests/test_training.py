@@ -25,7 +25,8 @@ from tests.runs import (CONFIGS, T5_EVALUATIONS, check_t5_run, check_vit_run,
                         flags, load_config, run_python, t5_config,
                         vit_config)
 from tests.mock_tfds import mocked_tfds
-from topk_sparse import distribute, evaluation, optimizers, training
+from topk_sparse import (allocation, distribute, evaluation, optimizers,
+                         training)
 from topk_sparse.data import corruptions
 from topk_sparse.models import T5, ViT
 
@@ -221,7 +222,8 @@ def test_model_dimensions_are_config_keys_that_override_the_variant(name):
 
 
 @pytest.mark.slow
-def test_auto_k_allocates_on_a_dense_run_then_fine_tunes(tmp_path):
+def test_auto_k_allocates_on_a_dense_run_then_fine_tunes(tmp_path,
+                                                        monkeypatch):
     def config(**changes):
         config = load_config("vit_digits", "runlocal")
         config.eval.every_epochs = 0
@@ -231,12 +233,27 @@ def test_auto_k_allocates_on_a_dense_run_then_fine_tunes(tmp_path):
         return config
 
     dense_dir, auto_dir = str(tmp_path / "dense"), str(tmp_path / "auto")
-    training.train(config(), dense_dir)  # Top-32: its weights, read dense
+    dense = config()
+    dense.model.k = None
+    dense.eval.allocate.mean_k = 24  # its evaluation allocates as auto:24
+    evaluated = training.train(dense, dense_dir)["allocation"]
+    # A Top-32 run allocates from its own k: auto searches on the dense copy.
+    top32_dir = str(tmp_path / "top32")
+    training.train(config(), top32_dir)
+    searched = config(init_from=top32_dir)
+    searched.model.k = "auto:24"
+    searched = training.train(searched, str(tmp_path / "searched"))["auto_k"]
+    assert "reported_by" not in searched
+    assert sum(searched["k"].values()) == 48
+    # From the dense run, the k its evaluation chose, not searched again.
+    monkeypatch.setattr(allocation, "allocate", None)
     auto = config(init_from=dense_dir)
     auto.model.k = "auto:24"
     report = training.train(auto, auto_dir)
 
     allocated = report["auto_k"]
+    assert allocated["reported_by"] == dense_dir
+    assert allocated["k"] == evaluated["k"]
     assert report["k"] == "auto:24" and report["init_from"] == dense_dir
     assert report["mlp_k"] == allocated["k"]
     assert sum(allocated["k"].values()) == 48 and allocated["mean_k"] == 24

@@ -76,10 +76,10 @@ def test_the_quick_study_on_one_seed(tmp_path):
     config = study_config.get_config("quick")
     config.seeds = config.claim4_seeds = 1
     summary = study.run(config, str(tmp_path), log=lambda _: None)
-    runs, _ = study.grid(config)
+    runs, _ = study.grid(config, str(tmp_path))
     assert summary["grid"]["runs"] == len(runs) == len(summary["runs"])
     assert {r["report"]["backend"] for r in summary["runs"]} == {"jax"}
-    for claim in ("claim1", "claim2", "claim3", "claim4"):
+    for claim in ("claim1", "claim2", "claim3", "claim4", "allocation"):
         assert summary["claims"][claim]
     for name in study.FIGURES:
         with open(os.path.join(tmp_path, name), "rb") as f:

@@ -6,8 +6,9 @@
 resumes), then writes `<workdir>/study.json` (every run's config, report
 and step-0 sparsity; per claim, each quantity's mean over seeds with a
 t-interval and the verdict), `README.md` (the results page: one table per
-claim, the figures; `results_page`) and the plots `claim{1,2,3,4}_*.png`.
-The repository's `results/` is such a workdir, less its runs.
+claim, the figures; `results_page`) and the plots `claim{1,2,3,4}_*.png`,
+`allocation.png`. The repository's `results/` is such a workdir, less its
+runs (claims 1-4), and `results/allocation/` one of the allocation part.
 
 The claims (*The Lazy Neuron Phenomenon*, arXiv 2210.06313):
 
@@ -18,6 +19,13 @@ The claims (*The Lazy Neuron Phenomenon*, arXiv 2210.06313):
    (never repeated) data.
 4. Top-k below the natural level is less sensitive to label noise, more
    robust to noise corruptions and better calibrated (Table 1).
+
+The allocation part (`study.parts`; choosing k, not in the paper): at the
+same mean k, one k per MLP allocated on a dense model
+(`topk_sparse.allocation.allocate`) against the same k everywhere, on the
+test split without fine-tuning (the dense runs' allocation evaluation) and
+after fine-tuning each from the dense run of its seed (`config.model.k`
+"auto:<mean k>" against k = mean k, `config.init_from`).
 
 Nonzero fraction at step 0 is measured here (`initial_nonzero`): the run's
 model built with its seed, before any step, over `init_batches` training
@@ -104,73 +112,124 @@ def cell_name(config):
     """The cell a run config belongs to: its name without the seed."""
     model = config.model
     parts = [model.name, config.data.name,
-             "dense" if model.k is None else f"top{model.k}"]
+             "dense" if model.k is None else
+             model.k.replace(":", "") if isinstance(model.k, str) else
+             f"top{model.k}"]
     if model.name == "vit":
         parts += [f"mlp{model.mlp_dim}", f"depth{model.depth}"]
     noise = config.data.get("label_noise", 0.0)
     if noise:
         parts.append(f"noise{noise:g}")
+    if config.get("init_from"):
+        parts.append("finetuned")
     return "-".join(parts)
 
 
-def grid(study):
+def grid(study, workdir=""):
     """`(runs, roles)`: the runs in order (dicts of name, cell, seed,
-    config) and which cell answers which part of which claim."""
+    config, and `source`: the run a fine-tuning starts from, or None) and
+    which cell answers which part of which claim. `study.parts` picks the
+    cells; a fine-tuning run's `config.init_from` is its source's folder
+    under `workdir`."""
     vit = copy.deepcopy(study.vit)
     vit.unlock()  # a locked --config: its copies gain keys below
     variant = vit_lib.VIT_VARIANTS[vit.model.variant]
     # Explicit, so that every cell's name and fingerprint say them.
     vit.model.mlp_dim = vit.model.get("mlp_dim") or variant["mlp_dim"]
     vit.model.depth = vit.model.get("depth") or variant["depth"]
-    runs = {}
+    unknown = set(study.parts) - set(PARTS)
+    if unknown:
+        raise ValueError(f"Unknown study parts {sorted(unknown)}: choose "
+                         f"from {PARTS}.")
+    runs, evals = {}, {}
 
-    def add(base, seeds, model=None, data_config=None, eval_config=None):
+    def add(base, seeds, model=None, data_config=None, eval_config=None,
+            source=None, optimizer=None):
         config = copy.deepcopy(base)
         config.unlock()
         config.model.update(model or {})
+        config.optimizer.update(optimizer or {})
         if data_config is not None:
             config.data = data_config
-        config.eval.update(eval_config or {})
+        if source is not None:
+            config.init_from = "finetuned"  # named below, per seed
         cell = cell_name(config)
+        # A cell's evaluations are those of every adder.
+        evals.setdefault(cell, {}).update(eval_config or {})
         for seed in range(seeds):
             name = f"{cell}-seed{seed}"
-            if name not in runs:  # the first adder's eval keys win
+            if name not in runs:
                 run_config = copy.deepcopy(config)
                 run_config.seed = seed
+                parent = None if source is None else f"{source}-seed{seed}"
+                if parent:
+                    run_config.init_from = os.path.join(workdir, "runs",
+                                                        parent)
                 runs[name] = {"name": name, "cell": cell, "seed": seed,
-                              "config": run_config}
+                              "config": run_config, "source": parent}
         return cell
 
-    roles = {"claim4": {}, "width": {}, "depth": {}}
-    # Claim 4 first: its clean cells carry the corruption evaluation.
-    for k in (None, *study.k):
-        for noise in study.label_noise:
-            key = f"{'dense' if k is None else f'top{k}'}/noise{noise:g}"
-            roles["claim4"][key] = add(
-                vit, study.claim4_seeds,
-                model={"k": k},
-                data_config=_with(vit.data, label_noise=noise),
-                eval_config={"corruptions": tuple(study.corruptions),
-                             "severities": tuple(study.severities)}
-                if noise == 0 else None)
-    roles["claim1_vit"] = roles["claim4"]["dense/noise0"]
-    for mlp_dim in study.widths:
-        roles["width"][str(mlp_dim)] = add(vit, study.seeds,
-                                           model={"mlp_dim": mlp_dim})
-    for depth in study.depths:
-        roles["depth"][str(depth)] = add(vit, study.seeds,
-                                         model={"depth": depth})
-    roles["random_labels"] = add(
-        vit, study.seeds, data_config=_with(vit.data, label_noise=1.0))
-    roles["random_inputs"] = add(vit, study.seeds, data_config=_random_images(
-        vit.data, study.random_examples))
-    roles["claim1_t5"] = roles["unlimited"] = add(study.t5, study.seeds)
+    roles = {}
+    if "claims" in study.parts:
+        roles.update({"claim4": {}, "width": {}, "depth": {}})
+        # Claim 4 first: its clean cells carry the corruption evaluation.
+        for k in (None, *study.k):
+            for noise in study.label_noise:
+                key = f"{'dense' if k is None else f'top{k}'}/noise{noise:g}"
+                roles["claim4"][key] = add(
+                    vit, study.claim4_seeds,
+                    model={"k": k},
+                    data_config=_with(vit.data, label_noise=noise),
+                    eval_config={"corruptions": tuple(study.corruptions),
+                                 "severities": tuple(study.severities)}
+                    if noise == 0 else None)
+        roles["claim1_vit"] = roles["claim4"]["dense/noise0"]
+        for mlp_dim in study.widths:
+            roles["width"][str(mlp_dim)] = add(vit, study.seeds,
+                                               model={"mlp_dim": mlp_dim})
+        for depth in study.depths:
+            roles["depth"][str(depth)] = add(vit, study.seeds,
+                                             model={"depth": depth})
+        roles["random_labels"] = add(
+            vit, study.seeds, data_config=_with(vit.data, label_noise=1.0))
+        roles["random_inputs"] = add(vit, study.seeds,
+                                     data_config=_random_images(
+                                         vit.data, study.random_examples))
+        roles["claim1_t5"] = roles["unlimited"] = add(study.t5, study.seeds)
+    if "allocation" in study.parts:
+        roles["allocation"] = {}
+        for name, base in (("vit", vit), ("t5", study.t5)):
+            setting = study.allocation[name]
+            model = {"depth": setting.depth} if name == "vit" else {}
+            allocate = _with(base.eval.allocate, mean_k=setting.mean_k)
+            dense = roles["allocation"][f"{name}/dense"] = add(
+                base, study.claim4_seeds, model=model,
+                eval_config={"allocate": allocate})
+            # Fine-tuned: allocated as the dense runs' evaluation did.
+            for key, k in (("auto", f"auto:{setting.mean_k:g}"),
+                           ("uniform", setting.mean_k)):
+                roles["allocation"][f"{name}/{key}"] = add(
+                    _with(base, epochs=setting.epochs), study.claim4_seeds,
+                    model={**model, "k": k}, source=dense,
+                    optimizer={"learning_rate": setting.learning_rate,
+                               "warmup_steps": 0},
+                    eval_config={"allocate": _with(allocate, mean_k=0)})
+    for spec in runs.values():
+        for key, value in evals[spec["cell"]].items():
+            spec["config"].eval[key] = value
     # Every cell at 2 seeds first, then claim 4's other seeds, then the
-    # others': a study stopped early has every cell, and claim 4 its seeds.
-    claim4 = set(roles["claim4"].values())
+    # others', then the fine-tunings (after the runs they start from): a
+    # study stopped early has every trained cell, and claim 4 its seeds.
+    claim4 = set(roles.get("claim4", {}).values())
     order = sorted(runs.values(), key=lambda r: (
-        0 if r["seed"] < 2 else 1 if r["cell"] in claim4 else 2, r["seed"]))
+        3 if r["source"] else 0 if r["seed"] < 2 else
+        1 if r["cell"] in claim4 else 2, r["seed"]))
     return order, roles
+
+
+PARTS = ("claims", "allocation")
+"""`study.parts`: the paper's claims 1-4 (which share their cells), and
+choosing k (`topk_sparse.allocation`, allocated against uniform k)."""
 
 
 def _with(section, **changes):
@@ -237,7 +296,7 @@ def run(study, workdir, log=print):
     with `study.train = False`, which trains nothing and aggregates the
     finished runs.
     """
-    runs, roles = grid(study)
+    runs, roles = grid(study, workdir)
     start = time.time()
     results, elsewhere = [], []
     for i, spec in enumerate(runs):
@@ -248,31 +307,35 @@ def run(study, workdir, log=print):
         if not os.path.exists(report_path):
             if not study.train:
                 continue
+            source = spec["source"]
+            if source and not os.path.exists(os.path.join(
+                    workdir, "runs", source, "report.json")):
+                # Earlier in the order: another process trains it, and
+                # comes to this run after it.
+                elsewhere.append(spec["name"])
+                log(f"[{i + 1}/{len(runs)}] {spec['name']}: waits for "
+                    f"{source}, running in another process")
+                continue
             if not _take(run_dir):
                 elsewhere.append(spec["name"])
                 log(f"[{i + 1}/{len(runs)}] {spec['name']}: running in "
                     f"another process")
                 continue
             run_start = time.time()
-            if not os.path.exists(init_path):
-                _write_json(init_path, initial_nonzero(
-                    config, study.init_batches))
-                keras.backend.clear_session()
+            _measure_initial(spec, init_path, study.init_batches)
             training.train(config, run_dir)
             keras.backend.clear_session()
             os.remove(os.path.join(run_dir, "lock"))
             log(f"[{i + 1}/{len(runs)}] {spec['name']}: "
                 f"{time.time() - run_start:.0f} s, study "
                 f"{time.time() - start:.0f} s")
-        if not os.path.exists(init_path):  # a run trained before this code
-            _write_json(init_path, initial_nonzero(config,
-                                                   study.init_batches))
-            keras.backend.clear_session()
+        _measure_initial(spec, init_path, study.init_batches)
         results.append({"name": spec["name"], "cell": spec["cell"],
                         "seed": spec["seed"],
                         "config": json.loads(json.dumps(config.to_dict(),
                                                         default=str)),
-                        "init_nonzero": _read_json(init_path),
+                        "init_nonzero": None if spec["source"] else
+                        _read_json(init_path),
                         "report": _read_json(report_path)})
     if elsewhere:
         log(f"{len(elsewhere)} runs were training in other processes: "
@@ -281,6 +344,7 @@ def run(study, workdir, log=print):
     cells = {r["cell"] for r in results}
     roles = _finished_roles(roles, cells)
     summary = {"claims": aggregate(results, roles, study.confidence),
+               "parts": list(study.parts),
                "roles": roles, "confidence": study.confidence,
                "grid": {"runs": len(results), "cells": len(cells),
                         "planned_runs": len(runs),
@@ -292,6 +356,14 @@ def run(study, workdir, log=print):
         f.write(results_page(summary))
     plot(summary, workdir)
     return summary
+
+
+def _measure_initial(spec, path, batches):
+    """Writes the run's `initial_nonzero` to `path` once (also for a run
+    trained before this code); a fine-tuning run starts trained: none."""
+    if spec["source"] is None and not os.path.exists(path):
+        _write_json(path, initial_nonzero(spec["config"], batches))
+        keras.backend.clear_session()
 
 
 def _take(run_dir):
@@ -431,11 +503,11 @@ def curves(result):
 
 
 def aggregate(results, roles, confidence=0.95):
-    """Per claim, its rows: quantity, paper, test, mean, interval, verdict."""
+    """Per claim (and the allocation part), its rows: quantity, paper,
+    test, mean, interval, verdict; only the parts `roles` holds."""
     by_cell = {}
     for result in results:
         by_cell.setdefault(result["cell"], {})[result["seed"]] = result
-    claims = {"claim1": [], "claim2": [], "claim3": [], "claim4": []}
 
     def per_seed(cell, fn):
         return [fn(r) for _, r in sorted(by_cell[cell].items())]
@@ -445,6 +517,83 @@ def aggregate(results, roles, confidence=0.95):
         seeds = sorted(set(by_cell[cell_a]) & set(by_cell[cell_b]))
         return [fn(by_cell[cell_a][s]) - fn(by_cell[cell_b][s])
                 for s in seeds]
+
+    claims = {}
+    if "claim4" in roles:
+        claims.update(_claims(by_cell, roles, per_seed, paired, confidence))
+    if roles.get("allocation"):
+        claims["allocation"] = _allocation_rows(roles["allocation"],
+                                                per_seed, paired, confidence)
+    return claims
+
+
+# The test metric of each model of the allocation part (higher: better).
+METRICS = {"vit": "accuracy", "t5": "token_accuracy"}
+_NAMES = {"vit": "ViT", "t5": "T5"}
+
+
+def _allocation_rows(cells, per_seed, paired, confidence):
+    """Allocated minus uniform k at the same mean k, paired by seed: test
+    accuracy and loss without fine-tuning (the dense runs' evaluation) and
+    after fine-tuning (the `auto` and `uniform` cells); and the allocated,
+    fine-tuned model minus the dense one."""
+    rows = []
+    for model, metric in METRICS.items():
+        dense = cells.get(f"{model}/dense")
+        if dense is None:
+            continue
+        first = per_seed(dense, lambda r: r)[0]["report"]
+        label = (f"{_NAMES[model]}, mean k {first['allocation']['mean_k']:g}"
+                 f" of {next(iter(first['mlp_dim'].values()))}")
+
+        def evaluated(key, name):
+            return lambda r: _scaled(name, r["report"]["allocation"][key][
+                name])
+        for name in (metric, "loss"):
+            rows.append(_allocation_row(
+                f"{label}: allocated − uniform k, {_quantity(name)}, no "
+                f"fine-tuning", name, [a - b for a, b in zip(
+                    per_seed(dense, evaluated("allocated", name)),
+                    per_seed(dense, evaluated("uniform", name)))],
+                confidence))
+        auto, uniform = (cells.get(f"{model}/{key}")
+                         for key in ("auto", "uniform"))
+        if auto is None or uniform is None:
+            continue
+
+        def test(name):
+            return lambda r: _scaled(name, r["report"]["eval"][name])
+        for name in (metric, "loss"):
+            rows.append(_allocation_row(
+                f"{label}: allocated − uniform k, {_quantity(name)}, "
+                f"fine-tuned", name, paired(auto, uniform, test(name)),
+                confidence))
+        rows.append(_row(f"{label}: allocated and fine-tuned − dense, "
+                         f"{_quantity(metric)}", "not in the paper",
+                         paired(auto, dense, test(metric)), ("≈", 0, 1),
+                         confidence))
+    return rows
+
+
+def _scaled(name, value):
+    """A metric as the tables give it: accuracies in percent."""
+    return value if name == "loss" else 100 * value
+
+
+def _quantity(name):
+    return "test loss" if name == "loss" else f"test {name.replace('_', ' ')}"
+
+
+def _allocation_row(quantity, name, values, confidence):
+    loss = name == "loss"
+    return _row(quantity, "not in the paper", values,
+                ("<" if loss else ">", 0), confidence,
+                unit="nats" if loss else "pts")
+
+
+def _claims(by_cell, roles, per_seed, paired, confidence):
+    """The paper's claims 1-4: `{claim: rows}`."""
+    claims = {"claim1": [], "claim2": [], "claim3": [], "claim4": []}
 
     def init_eval(r):
         return 100 * _mean_layers(r["init_nonzero"]["eval"])
@@ -458,7 +607,7 @@ def aggregate(results, roles, confidence=0.95):
     # Claim 1.
     for model in ("vit", "t5"):
         cell = roles[f"claim1_{model}"]
-        name = {"vit": "ViT", "t5": "T5"}[model]
+        name = _NAMES[model]
         rows = claims["claim1"]
         rows.append(_row(f"{name}: nonzero at initialization (%)", "≈ 50",
                          per_seed(cell, init_eval), ("≈", 50, 5), confidence,
@@ -594,6 +743,8 @@ _TITLES = {
               "unlimited data",
     "claim4": "Claim 4: Top-k below the natural level vs dense ReLU "
               "(paired by seed)",
+    "allocation": "Choosing k: one k per MLP allocated vs uniform k at the "
+                  "same mean k (paired by seed)",
 }
 
 
@@ -603,7 +754,8 @@ def _fmt(value, digits=2):
     return f"{value:.{digits}f}"
 
 
-# The figures `plot` draws, with what each shows.
+# The figures `plot` draws, with what each shows; the claims figures for
+# the part "claims", allocation.png for "allocation".
 FIGURES = {
     "claim1_sparsity_over_training.png": "nonzero share per MLP over "
                                          "training, train and eval data",
@@ -613,7 +765,16 @@ FIGURES = {
                          "random inputs, an unlimited stream",
     "claim4_topk.png": "Top-k vs dense: accuracy under label noise and "
                        "corruptions, calibration",
+    "allocation.png": "allocated vs uniform k at the same mean k, without "
+                      "and with fine-tuning; the k chosen per MLP",
 }
+
+
+def figures_of(summary):
+    """The names of `FIGURES` that `plot` draws for `summary`."""
+    return [name for name in FIGURES
+            if ("allocation" if name == "allocation.png" else "claim4")
+            in summary["claims"]]
 
 
 def results_page(summary):
@@ -621,9 +782,13 @@ def results_page(summary):
     the figures, one table per claim. `results/README.md` is this page of
     `results/study.json` (tests/test_study.py checks that it is)."""
     grid = summary["grid"]
+    # A study written before the allocation part existed ran the claims.
+    parts = summary.get("parts", ["claims"])
+    argument = "" if set(parts) == set(PARTS) else f":parts={','.join(parts)}"
     lines = [
         "# The Lazy Neuron study: results", "",
-        "Written by `python -m trainers.study --config=configs/study.py "
+        f"Written by `python -m trainers.study --config=configs/study.py"
+        f"{argument} "
         "--workdir=DIR` (`topk_sparse.study.results_page` of this folder's "
         f"`study.json`): {grid['runs']} of {grid['planned_runs']} runs in "
         f"{grid['cells']} cells, {grid['wall_time_s'] / 60:.0f} min of "
@@ -632,7 +797,8 @@ def results_page(summary):
         "grid and the verdict rules: `configs/study.py`, "
         "`topk_sparse/study.py`.", "",
         "## Figures", ""]
-    for name, shows in FIGURES.items():
+    for name in figures_of(summary):
+        shows = FIGURES[name]
         lines += [f"{shows[0].upper()}{shows[1:]} (`{name}`):", "",
                   f"![{shows}]({name})", ""]
     lines += ["## Tables", "", tables(summary)]
@@ -652,9 +818,12 @@ def tables(summary):
                   f"seeds | verdict |",
                   "|---|---|---|---|---|---|---|"]
         for row in rows:
-            ours = row.get("text") or f"{_fmt(row['mean'])} {row['unit']}"
+            digits = 3 if row["unit"] == "nats" else 2  # losses: small
+            ours = row.get("text") or \
+                f"{_fmt(row['mean'], digits)} {row['unit']}"
             span = ("—" if row["low"] is None else
-                    f"[{_fmt(row['low'])}, {_fmt(row['high'])}]")
+                    f"[{_fmt(row['low'], digits)}, "
+                    f"{_fmt(row['high'], digits)}]")
             lines.append(f"| {row['quantity']} | {row['paper']} | "
                          f"{row['test']} | {ours} | {span} | "
                          f"{'—' if 'text' in row else len(row['values'])} "
@@ -679,16 +848,15 @@ def _band(ax, x, runs, label, style="-", color=None, confidence=0.95):
 
 
 def plot(summary, workdir=None, dpi=110):
-    """The claims' figures, `{file name: matplotlib Figure}`
-    (`claim1_sparsity_over_training.png` ... `claim4_topk.png`); with
-    `workdir`, each is also written there as that PNG at `dpi`.
+    """The study's figures, `{file name: matplotlib Figure}`
+    (`figures_of(summary)`: `claim1_sparsity_over_training.png` ...
+    `claim4_topk.png`, `allocation.png`); with `workdir`, each is also
+    written there as that PNG at `dpi`.
 
     Drawn on `Figure`s that pyplot never sees, so that no backend is
     switched: in a notebook, `display(figure)` shows one inline.
     """
-    import matplotlib
     from matplotlib.figure import Figure
-    import matplotlib.ticker
 
     conf = summary["confidence"]
     by_cell = {}
@@ -700,6 +868,23 @@ def plot(summary, workdir=None, dpi=110):
     def figure(name, rows, columns, figsize):
         figures[name] = Figure(figsize=figsize, dpi=dpi)
         return figures[name], figures[name].subplots(rows, columns)
+
+    if "claim4" in summary["claims"]:
+        _plot_claims(figure, by_cell, roles, conf)
+    if "allocation" in summary["claims"]:
+        _plot_allocation(figure, by_cell, roles["allocation"], conf)
+    for name, fig in figures.items():
+        fig.tight_layout()
+        if workdir is not None:
+            fig.savefig(os.path.join(workdir, name))
+    return figures
+
+
+
+def _plot_claims(figure, by_cell, roles, conf):
+    """Draws the claims' figures with `figure(name, rows, columns,
+    figsize)`; `by_cell`: `{cell: [run result]}`."""
+    import matplotlib
 
     def cell_curves(cell, split):
         steps, per_layer, layers = None, {}, None
@@ -756,8 +941,7 @@ def plot(summary, workdir=None, dpi=110):
                            for r in runs], conf) for l in layers]
         _errorbar(axes[1], list(range(1, len(layers) + 1)), stats,
                   f"depth {depth}")
-    axes[1].xaxis.set_major_locator(
-        matplotlib.ticker.MaxNLocator(integer=True))
+    axes[1].xaxis.set_major_locator(_integer_ticks())
     axes[1].set(xlabel="block (1 = first)",
                 ylabel="nonzero MLP activations (%), eval",
                 title="Depth: nonzero share per block after training")
@@ -820,11 +1004,62 @@ def plot(summary, workdir=None, dpi=110):
         ax.legend(fontsize=8)
     fig.suptitle(f"Claim 4: Top-k vs dense ViT, mean over seeds, "
                  f"{round(100 * conf)}% t-intervals")
-    for name, fig in figures.items():
-        fig.tight_layout()
-        if workdir is not None:
-            fig.savefig(os.path.join(workdir, name))
-    return figures
+
+
+
+def _plot_allocation(figure, by_cell, cells, conf):
+    """allocation.png: per model, the test metric of uniform and allocated
+    k without and with fine-tuning (the dense model's level dashed); the k
+    allocated per MLP over the mean k."""
+    fig, axes = figure("allocation.png", 1, 3, (15, 4.5))
+    stages = ("no fine-tuning", "fine-tuned")
+    for ax, (model, metric) in zip(axes, METRICS.items()):
+        dense = cells.get(f"{model}/dense")
+        if dense is None:
+            continue
+        runs = by_cell[dense]
+        for i, key in enumerate(("uniform", "allocated")):
+            stats = [interval([100 * r["report"]["allocation"][key][metric]
+                               for r in runs], conf)]
+            tuned = cells.get(f"{model}/{'auto' if i else 'uniform'}")
+            if tuned is not None:
+                stats.append(interval([100 * r["report"]["eval"][metric]
+                                       for r in by_cell[tuned]], conf))
+            _errorbar(ax, [j + 0.06 * (2 * i - 1) for j in range(len(stats))],
+                      stats, f"{key} k")
+        ax.axhline(100 * np.mean([r["report"]["eval"][metric] for r in runs]),
+                   color="gray", linestyle="--", linewidth=1,
+                   label="dense ReLU")
+        ax.set_xticks(range(len(stages)), stages)
+        ax.set_xlim(-0.5, len(stages) - 0.5)
+        allocation = runs[0]["report"]["allocation"]
+        ax.set(xlabel="after sparsifying the dense model",
+               ylabel=f"{_quantity(metric)} (%)",
+               title=f"{_NAMES[model]}: mean k {allocation['mean_k']:g} of "
+                     f"{next(iter(runs[0]['report']['mlp_dim'].values()))}"
+                     f", {len(runs)} seeds")
+        ax.legend(fontsize=8)
+        # The k allocated per MLP over the budget, mean over seeds.
+        shares = np.array([[k / r["report"]["allocation"]["mean_k"]
+                            for k in r["report"]["allocation"]["k"].values()]
+                           for r in runs])
+        _errorbar(axes[2], list(range(1, shares.shape[1] + 1)),
+                  [interval(column, conf) for column in shares.T],
+                  _NAMES[model])
+    axes[2].axhline(1, color="gray", linestyle="--", linewidth=1,
+                    label="uniform k")
+    axes[2].xaxis.set_major_locator(_integer_ticks())
+    axes[2].set(xlabel="MLP in layer order (T5: encoder, then decoder)",
+                ylabel="allocated k / mean k",
+                title="k chosen per MLP (no fine-tuning)")
+    axes[2].legend(fontsize=8)
+    fig.suptitle(f"Choosing k: allocated vs uniform k at the same mean k, "
+                 f"mean over seeds, {round(100 * conf)}% t-intervals")
+
+
+def _integer_ticks():
+    import matplotlib.ticker
+    return matplotlib.ticker.MaxNLocator(integer=True)
 
 
 def _errorbar(ax, x, stats, label, color=None, marker="o", linestyle="-"):

@@ -330,7 +330,9 @@ def _allocated_k(config, model, train_data, workdir, budget):
     """`config.model.k = "auto:<budget>"`: the k per MLP allocated on
     `model` (dense, with the weights of `config.init_from`) from
     `config.eval.allocate.examples` training examples, kept in
-    `<workdir>/allocation.json`: a resumed run reads it back."""
+    `<workdir>/allocation.json`: a resumed run reads it back. Where the
+    run of `config.init_from` evaluated the same allocation (`_reported`),
+    its k is taken instead of searching again."""
     path = os.path.join(workdir, "allocation.json")
     settings = config.eval.allocate
     how = {"examples": settings.examples, "step": settings.step,
@@ -345,14 +347,44 @@ def _allocated_k(config, model, train_data, workdir, budget):
                 f"{before}, not {how}: use another --workdir, or the same "
                 f"settings to resume.")
         return allocated
-    with _config_errors("config.model.k"):
-        chosen = allocation.allocate(
-            model, data.first_inputs(train_data, settings.examples),
-            budget, settings.step, settings.by)
-    allocated = {"mean_k": chosen.mean_k, "k": chosen.k,
-                 "distance": chosen.distance, **how}
+    allocated = _reported(config, budget, how)
+    if allocated is None:
+        with _config_errors("config.model.k"):
+            chosen = allocation.allocate(
+                model, data.first_inputs(train_data, settings.examples),
+                budget, settings.step, settings.by)
+        allocated = {"mean_k": chosen.mean_k, "k": chosen.k,
+                     "distance": chosen.distance, **how}
     _write_json(path, allocated)
     return allocated
+
+
+def _reported(config, budget, how):
+    """The k that the run of `config.init_from` allocated in its own
+    allocation evaluation (its report.json), where it did so dense, at
+    `budget`, with the settings `how`, on the examples this run would take
+    (the same seed, data and batch size): the search is deterministic, so
+    it would choose them again, after minutes of eager passes. None
+    otherwise."""
+    source = config.init_from
+    try:
+        with tf.io.gfile.GFile(os.path.join(source, "report.json")) as f:
+            reported = json.load(f).get("allocation") or {}
+        with tf.io.gfile.GFile(os.path.join(source, "config.json")) as f:
+            trained = json.load(f)
+    except (tf.errors.OpError, ValueError):  # a .keras file, or no report
+        return None
+    mine = _json(config)
+    if trained["model"].get("k") is not None or reported.get(
+            "mean_k") != budget or any(
+            reported.get(key) != value for key, value in how.items()) or any(
+            trained.get(key) != mine[key]
+            for key in ("seed", "data", "batch_size")):
+        return None
+    k = reported["k"]
+    return {"mean_k": sum(k.values()) / len(k), "k": k,
+            "distance": reported["distance"], **how,
+            "reported_by": source}
 
 # Config keys that change how a run is executed or evaluated, not what it
 # trains: a workdir accepts a config that differs from its own only here.
