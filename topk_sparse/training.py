@@ -363,9 +363,9 @@ def _reported(config, budget, how):
     """The k that the run of `config.init_from` allocated in its own
     allocation evaluation (its report.json), where it did so dense, at
     `budget`, with the settings `how`, on the examples this run would take
-    (the same seed, data and batch size): the search is deterministic, so
-    it would choose them again, after minutes of eager passes. None
-    otherwise."""
+    (the same seed, data, batch size and precision): the search is
+    deterministic, so it would choose them again, after minutes of eager
+    passes. None otherwise."""
     source = config.init_from
     try:
         with tf.io.gfile.GFile(os.path.join(source, "report.json")) as f:
@@ -375,16 +375,18 @@ def _reported(config, budget, how):
     except (tf.errors.OpError, ValueError):  # a .keras file, or no report
         return None
     mine = _json(config)
-    if trained["model"].get("k") is not None or reported.get(
-            "mean_k") != budget or any(
-            reported.get(key) != value for key, value in how.items()) or any(
-            trained.get(key) != mine[key]
-            for key in ("seed", "data", "batch_size")):
+    same = (trained["model"].get("k") is None
+            and reported.get("mean_k") == budget
+            and all(reported.get(key) == value for key, value in how.items())
+            and all(trained.get(key) == mine[key] for key in (
+                "seed", "data", "batch_size", "mixed_precision")))
+    if not same:
         return None
     k = reported["k"]
     return {"mean_k": sum(k.values()) / len(k), "k": k,
             "distance": reported["distance"], **how,
             "reported_by": source}
+
 
 # Config keys that change how a run is executed or evaluated, not what it
 # trains: a workdir accepts a config that differs from its own only here.
