@@ -365,7 +365,12 @@ def allocate(model, batches, mean_k, step=None, by="model",
       model: a model of `mlp_layers`.
       batches: list of model inputs.
       mean_k: number, the budget: the mean `k` over MLPs, in `[1, the
-        narrowest MLP's width]`.
+        narrowest MLP's width]`. It is also a budget of the bytes a
+        decoding step's MLPs read on the gathered path: each reads all of
+        its first kernel and the `k` kept rows of its second, each row
+        `width` wide, so where the MLPs share one width (ours and
+        keras-hub's) the bytes are a constant plus `sum(k) * width *
+        itemsize`.
       step: int or None. How much one greedy step lowers a `k`; None:
         a 32nd of the widest MLP (at least 1).
       by: one of `BY`. Defaults to "model".
