@@ -122,8 +122,8 @@ def get_config(arg=None):
     config.init_batches = 8
 
     # Choosing k (topk_sparse.allocation): at a mean k of `mean_k` (1/16 of
-    # mlp_dim, about the paper's ViT-B/16 share of 6.3%), one k
-    # per MLP allocated on config.eval.allocate.examples training examples
+    # mlp_dim, about the paper's ViT-B/16 share of 6.3%), one k per MLP
+    # allocated on config.eval.allocate.examples training examples
     # against `mean_k` everywhere, on the dense model (its evaluation, no
     # fine-tuning) and fine-tuned from it (k "auto:<mean_k>" vs k=mean_k,
     # `epochs` at `learning_rate`, no warmup: at the configs' 3e-3 with
