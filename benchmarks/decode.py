@@ -52,8 +52,11 @@ Usage:
 """
 
 import argparse
-import gc
 import json
+import os
+import subprocess
+import sys
+import tempfile
 import time
 
 import keras
@@ -213,6 +216,112 @@ def ratio_table(rows):
     return list(groups.values())
 
 
+def _time(args, variant, models, probes, result):
+    """Times every case at each batch and mode into `result["rows"]`."""
+    for batch in args.batches:
+        tokens = keras.ops.convert_to_tensor(np.random.default_rng(
+            batch).integers(1, args.vocab_size,
+                            size=(batch, args.source_length)), "int32")
+        for mode in args.modes:
+            # The probes run in the same rounds, so that they meet the
+            # machine's load of the moment too.
+            cases = dict(probes)
+            for name, model in models.items():
+                cases[name] = _generate(model, tokens, args, mode)
+                cases[f"{name} encoder"] = _encode(model, tokens, mode)
+            start = time.perf_counter()
+            times = measure(cases, args.repeats)
+            probe = {name.split(" ", 1)[1]: float(np.median(times[name]))
+                     for name in probes}
+            probe_ms = 1e3 * min(probe.values())
+            dense = float(np.median(times["dense"]))
+            dense_step = (dense - float(np.median(
+                times["dense encoder"]))) / args.max_length
+            for name in models:
+                generate = float(np.median(times[name]))
+                encode = float(np.median(times[f"{name} encoder"]))
+                step = (generate - encode) / args.max_length
+                result["rows"].append({
+                    "variant": variant, "batch": batch, "mode": mode,
+                    "case": name, "generate_ms": 1e3 * generate,
+                    "generate_min_ms": 1e3 * min(times[name]),
+                    "encode_ms": 1e3 * encode, "step_ms": 1e3 * step,
+                    "tokens_per_s": batch * args.max_length / generate,
+                    "throughput_ratio": dense / generate,
+                    "step_ratio": dense_step / step,
+                    "probe_ms": probe_ms,
+                    "step_over_probe": 1e3 * step / probe_ms})
+            print(f"  batch {batch}, {mode}: "
+                  f"{time.perf_counter() - start:.0f} s; probe "
+                  + ", ".join(f"{k} {1e3 * v:.1f} ms"
+                              for k, v in probe.items()), flush=True)
+
+
+def _profile(args, variant, models, result):
+    """Times the parts of a batch-1 step into `result["profile"]`."""
+    for mode in args.modes:
+        cases = {}
+        for name, model in models.items():
+            for part, fn in _step_parts(model, 1, args, mode).items():
+                cases[(name, part)] = fn
+        times = measure(cases, 4 * args.repeats)
+        for (name, part), t in times.items():
+            result["profile"].append({
+                "variant": variant, "mode": mode, "case": name,
+                "part": part, "median_ms": 1e3 * float(np.median(t))})
+
+
+def _stage(args):
+    """One variant's timing (`--stage time`, with its probe record) or
+    profile (`--stage profile`), written to `--json`."""
+    result = {"probes": [], "rows": [], "profile": []}
+    variant, = args.variants
+    batches = _calibration_batches(args)
+    models, allocated = _models(args, variant, batches)
+    if args.stage == "profile":
+        _profile(args, variant, models, result)
+    else:
+        recall = _calibrate(args, models[f"top-{args.k} two-stage"], batches)
+        probes = memory_probes(models["dense"])
+        mb = sum(w.numpy().nbytes
+                 for w in step_weights(models["dense"])) / 1e6
+        result["probes"].append({"variant": variant, "weights_mb": mb,
+                                 "two_stage_recall": recall,
+                                 "allocated_k": allocated.k,
+                                 "allocated_mean_k": allocated.mean_k})
+        print(f"\n{variant}: a decoding step reads {mb:.1f} MB of weights; "
+              f"two-stage recall {recall:.3f}; allocated k (mean "
+              f"{allocated.mean_k:.1f}): "
+              + ", ".join(map(str, allocated.k.values())), flush=True)
+        _time(args, variant, models, probes, result)
+    with open(args.json, "w") as f:
+        json.dump(result, f)
+
+
+def _run_stages(args, argv):
+    """Each variant's timing, then its profile, each in a process of its
+    own (`argv` with `--variants`, `--stage` and `--json` appended: the
+    last of an option counts), merged. A process's compiled functions stay until it ends: in
+    one, a TensorFlow run with `--profile` ran out of memory in Base's
+    profile (LLVM "Cannot allocate memory", 23 GB machine)."""
+    recorded = {key: value for key, value in vars(args).items()
+                if key != "stage"}
+    result = {"args": recorded, **backends.record(), "probes": [],
+              "rows": [], "profile": []}
+    stages = ["time"] + (["profile"] if args.profile else [])
+    with tempfile.TemporaryDirectory() as folder:
+        for variant in args.variants:
+            for stage in stages:
+                path = os.path.join(folder, f"{variant}_{stage}.json")
+                subprocess.run(
+                    [sys.executable, __file__, *argv, "--variants", variant,
+                     "--stage", stage, "--json", path], check=True)
+                with open(path) as f:
+                    for key, values in json.load(f).items():
+                        result[key] += values
+    return result
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variants", nargs="+", default=["small", "base"],
@@ -234,80 +343,13 @@ def main():
     parser.add_argument("--profile", action="store_true",
                         help="time the parts of a batch-1 step apart")
     parser.add_argument("--json", default=backends.json_path("decode"))
+    parser.add_argument("--stage", choices=["time", "profile"],
+                        help=argparse.SUPPRESS)  # one process's part
     args = parser.parse_args()
+    if args.stage:
+        return _stage(args)
 
-    result = {"args": vars(args), **backends.record(), "probes": [],
-              "rows": [], "profile": []}
-    batches = _calibration_batches(args)
-    for variant in args.variants:
-        models, allocated = _models(args, variant, batches)
-        recall = _calibrate(args, models[f"top-{args.k} two-stage"], batches)
-        probes = memory_probes(models["dense"])
-        mb = sum(w.numpy().nbytes
-                 for w in step_weights(models["dense"])) / 1e6
-        result["probes"].append({"variant": variant, "weights_mb": mb,
-                                 "two_stage_recall": recall,
-                                 "allocated_k": allocated.k,
-                                 "allocated_mean_k": allocated.mean_k})
-        print(f"\n{variant}: a decoding step reads {mb:.1f} MB of weights; "
-              f"two-stage recall {recall:.3f}; allocated k (mean "
-              f"{allocated.mean_k:.1f}): "
-              + ", ".join(map(str, allocated.k.values())), flush=True)
-        for batch in args.batches:
-            tokens = keras.ops.convert_to_tensor(np.random.default_rng(
-                batch).integers(1, args.vocab_size,
-                                size=(batch, args.source_length)), "int32")
-            for mode in args.modes:
-                # The probes run in the same rounds, so that they meet the
-                # machine's load of the moment too.
-                cases = dict(probes)
-                for name, model in models.items():
-                    cases[name] = _generate(model, tokens, args, mode)
-                    cases[f"{name} encoder"] = _encode(model, tokens, mode)
-                start = time.perf_counter()
-                times = measure(cases, args.repeats)
-                probe = {name.split(" ", 1)[1]: float(np.median(times[name]))
-                         for name in probes}
-                probe_ms = 1e3 * min(probe.values())
-                dense = float(np.median(times["dense"]))
-                dense_step = (dense - float(np.median(
-                    times["dense encoder"]))) / args.max_length
-                for name in models:
-                    generate = float(np.median(times[name]))
-                    encode = float(np.median(times[f"{name} encoder"]))
-                    step = (generate - encode) / args.max_length
-                    result["rows"].append({
-                        "variant": variant, "batch": batch, "mode": mode,
-                        "case": name, "generate_ms": 1e3 * generate,
-                        "generate_min_ms": 1e3 * min(times[name]),
-                        "encode_ms": 1e3 * encode, "step_ms": 1e3 * step,
-                        "tokens_per_s": batch * args.max_length / generate,
-                        "throughput_ratio": dense / generate,
-                        "step_ratio": dense_step / step,
-                        "probe_ms": probe_ms,
-                        "step_over_probe": 1e3 * step / probe_ms})
-                print(f"  batch {batch}, {mode}: "
-                      f"{time.perf_counter() - start:.0f} s; probe "
-                      + ", ".join(f"{k} {1e3 * v:.1f} ms"
-                                  for k, v in probe.items()), flush=True)
-        if args.profile:
-            for mode in args.modes:
-                cases = {}
-                for name, model in models.items():
-                    for part, fn in _step_parts(model, 1, args,
-                                                mode).items():
-                        cases[(name, part)] = fn
-                times = measure(cases, 4 * args.repeats)
-                for (name, part), t in times.items():
-                    result["profile"].append({
-                        "variant": variant, "mode": mode, "case": name,
-                        "part": part, "median_ms": 1e3 * float(np.median(t))})
-        # The compiled cases hold the models in reference cycles: collect
-        # them before the next variant's (a TensorFlow run of small and base
-        # with --profile ran out of this machine's 23 GB in base's profile).
-        del models, probes, cases
-        gc.collect()
-
+    result = _run_stages(args, sys.argv[1:])
     print_table(
         f"T5.generate, {args.source_length} source tokens, "
         f"{args.max_length} generated, k={args.k}: tokens/s, Top-k tokens/s "

@@ -74,6 +74,11 @@ def base_config():
     # as config.eval.allocate says (examples, step, by), then fine-tuned; a
     # dense run whose own allocation evaluation did the same gives its k.
     config.init_from = config_dict.placeholder(str)
+    # With model.k "auto:<mean k>" and no init_from: first train this many
+    # epochs dense, as a run of its own in <workdir>/dense_warmup (this
+    # config at k None, without the evaluations a key asks for), and
+    # allocate k on that model; then train `epochs` with it.
+    config.dense_warmup_epochs = 0
 
     config.optimizer = ml_collections.ConfigDict()
     config.optimizer.name = "adamw"  # adamw | adam | sgd | adafactor
@@ -106,9 +111,9 @@ def base_config():
     # Choosing k (topk_sparse.allocation), after training: one k per MLP,
     # allocated greedily on `examples` training examples under a mean k of
     # `mean_k`, and the test metrics there beside uniform k = mean_k, both
-    # without fine-tuning. 0 skips it; step None is a 32nd of mlp_dim; by
-    # "model" keeps the model's outputs close, "mlp" each MLP's own (no
-    # model passes: for models of many MLPs).
+    # without fine-tuning. 0 skips it; step None is a 32nd of mlp_dim, at
+    # most half of mean_k; by "model" keeps the model's outputs close,
+    # "mlp" each MLP's own (no model passes: for models of many MLPs).
     config.eval.allocate = ml_collections.ConfigDict()
     config.eval.allocate.mean_k = 0
     config.eval.allocate.step = config_dict.placeholder(int)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from tests.backend import numpy
-from topk_sparse import allocation, scoring, sparsity
+from topk_sparse import allocation, ops, scoring, sparsity
 from topk_sparse.models import T5, ViT
 
 
@@ -58,7 +58,8 @@ def numpy_curve(activations, kernel, k):
     return cosine.mean(), share.mean()
 
 
-def test_measure_matches_numpy_and_changes_nothing():
+def test_measure_matches_numpy_and_changes_nothing(monkeypatch):
+    monkeypatch.setattr(allocation, "CHUNK", 50)  # 3 calls, the last short
     model = vit(k=[8, 16])
     batches = [images(4, 1), images(3, 2)]
     before = numpy(model(batches[0]))
@@ -85,6 +86,16 @@ def test_measure_matches_numpy_and_changes_nothing():
                                        numpy_curve(activations, kernel, k),
                                        rtol=1e-4)
         assert profile.curve(128) == (1.0, 1.0)
+
+
+@pytest.mark.parametrize("k", [1, 3, 8, 64, 128])
+def test_the_curve_keeps_what_exact_top_k_keeps_ties_included(k):
+    # Few distinct values: many ties at each token's k-th largest.
+    x = np.random.default_rng(k).integers(0, 5, (40, 128)).astype("float32")
+    kept = allocation._kept(keras.ops.convert_to_tensor(x),
+                            keras.ops.convert_to_tensor(k, "int32"))
+    np.testing.assert_array_equal(numpy(kept),
+                                  numpy(ops.topk_mask(x, k, "exact")))
 
 
 def test_needed_k_is_the_least_k_that_reaches_the_target():
@@ -145,6 +156,10 @@ def test_allocation_of_a_topk_model_starts_at_its_own_k():
     assert unchanged.k == {"encoder_block_0_mlp": 24,
                            "encoder_block_1_mlp": 8}
     assert unchanged.distance == 0 and unchanged.history == ()
+    # The default step (a 32nd of 128) is at most half a small budget.
+    small = allocation.allocate(model, [images(8, 8)], mean_k=3)
+    sums = [24 + 8] + [round(2 * mean) for mean, *_ in small.history]
+    assert set(np.diff(sums)) == {-1} and sums[-1] == 6
 
 
 def test_k_applied_runs_other_k_and_gives_the_model_back():

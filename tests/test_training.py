@@ -9,6 +9,7 @@ import importlib.util
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -236,7 +237,8 @@ def test_auto_k_allocates_on_a_dense_run_then_fine_tunes(tmp_path,
     dense = config()
     dense.model.k = None
     dense.eval.allocate.mean_k = 24  # its evaluation allocates as auto:24
-    evaluated = training.train(dense, dense_dir)["allocation"]
+    trained = training.train(dense, dense_dir)
+    evaluated = trained["allocation"]
     # A Top-32 run allocates from its own k: auto searches on the dense copy.
     top32_dir = str(tmp_path / "top32")
     training.train(config(), top32_dir)
@@ -245,6 +247,18 @@ def test_auto_k_allocates_on_a_dense_run_then_fine_tunes(tmp_path,
     searched = training.train(searched, str(tmp_path / "searched"))["auto_k"]
     assert "reported_by" not in searched
     assert sum(searched["k"].values()) == 48
+    # Without a dense run: it trains one first, as the dense run above.
+    warm_dir = str(tmp_path / "warm")
+    warm = config(dense_warmup_epochs=dense.epochs)
+    warm.model.k = "auto:24"
+    warmed = training.train(warm, warm_dir)
+    warmup_dir = os.path.join(warm_dir, training.WARMUP)
+    assert warmed["init_from"] == warmup_dir
+    with open(os.path.join(warmup_dir, "report.json")) as f:
+        warmup = json.load(f)
+    assert warmup["k"] is None and "allocation" not in warmup
+    assert warmup["history"] == trained["history"]
+    assert warmed["auto_k"]["k"] == evaluated["k"]
     # From the dense run, the k its evaluation chose, not searched again.
     monkeypatch.setattr(allocation, "allocate", None)
     auto = config(init_from=dense_dir)
@@ -259,6 +273,16 @@ def test_auto_k_allocates_on_a_dense_run_then_fine_tunes(tmp_path,
     assert sum(allocated["k"].values()) == 48 and allocated["mean_k"] == 24
     assert (allocated["examples"], allocated["step"], allocated["by"]) == (
         32, 16, "model")
+    # From the same weights with the same k: the same training.
+    assert warmed["history"] == report["history"]
+    # Started again, the warm-up and the run are found finished.
+    again = training.train(warm, warm_dir)
+    assert again["epochs_run"] == [] and again["auto_k"] == warmed["auto_k"]
+    # Killed after allocating, before its first epoch: the same run.
+    shutil.rmtree(os.path.join(warm_dir, "backup"))
+    for name in ("report.json", "model.keras"):
+        os.remove(os.path.join(warm_dir, name))
+    assert training.train(warm, warm_dir)["history"] == warmed["history"]
     with open(os.path.join(auto_dir, "allocation.json")) as f:
         assert json.load(f) == allocated
     assert ViT.from_config(keras.saving.load_model(os.path.join(
@@ -278,7 +302,14 @@ def test_auto_k_allocates_on_a_dense_run_then_fine_tunes(tmp_path,
 
 @pytest.mark.parametrize("changes, match", [
     ({"model.k": "auto:16"}, r"config.model.k='auto:16' allocates k on a "
-                             r"trained dense model: set config.init_from"),
+                             r"trained dense model: set config.init_from .*"
+                             r"or config.dense_warmup_epochs"),
+    ({"dense_warmup_epochs": 2}, r"config.dense_warmup_epochs=2 trains a "
+                                 r"dense model .* not for k=32: unset it"),
+    ({"model.k": "auto:16", "dense_warmup_epochs": 2, "init_from": "/x"},
+     r"config.dense_warmup_epochs=2 and config.init_from='/x' both give"),
+    ({"model.k": "auto:16", "dense_warmup_epochs": -1},
+     "config.dense_warmup_epochs must be a positive int"),
     ({"model.k": "auto:many", "init_from": "/x"},
      r"config.model.k='auto:many' is not a k: .*auto:<mean k> \(e.g. "
      r"auto:16\)"),

@@ -43,7 +43,7 @@ import numbers
 import keras
 import numpy as np
 
-from topk_sparse import checks, ops, scoring
+from topk_sparse import backend, checks, ops, scoring
 from topk_sparse.layers import SparseMLP
 from topk_sparse.models.common import k_per_mlp
 from topk_sparse.sparsity import metrics_restored
@@ -52,6 +52,9 @@ kops = keras.ops
 
 QUANTILES = (0.1, 0.5, 0.9, 0.99)
 """The quantiles of active units per token a `Profile` summarizes."""
+
+CHUNK = 1024
+"""Tokens per call of a `Profile`'s compiled curve."""
 
 
 def mlp_layers(model):
@@ -121,6 +124,7 @@ class Profile:
     _mlp: object = dataclasses.field(repr=False)
     _inputs: np.ndarray = dataclasses.field(repr=False)
     _curve: dict = dataclasses.field(default_factory=dict, repr=False)
+    _token_curve: object = dataclasses.field(default=None, repr=False)
 
     def curve(self, k):
         """`(cosine, share)` of the MLP's output with the top-`k` of each
@@ -133,7 +137,15 @@ class Profile:
         """
         k = ops.validate_k(k, self.mlp_dim)
         if k not in self._curve:
-            self._curve[k] = _curve(self._mlp, self._inputs, k)
+            if self._token_curve is None:
+                self._token_curve = _token_curve(self._mlp)
+            k_tensor = kops.convert_to_tensor(k, "int32")
+            per_token = [self._token_curve(kops.convert_to_tensor(
+                self._inputs[start:start + CHUNK]), k_tensor)
+                         for start in range(0, self.tokens, CHUNK)]
+            self._curve[k] = tuple(
+                float(np.mean(np.concatenate([kops.convert_to_numpy(
+                    part[i]) for part in per_token]))) for i in range(2))
         return self._curve[k]
 
     def needed_k(self, cosine=None, share=None):
@@ -189,34 +201,66 @@ def _hidden(mlp, inputs):
     return kops.relu(inputs)
 
 
+def _kth_largest(activations, k):
+    """Each token's `k`-th largest of `activations` `[tokens, n]` (float32,
+    non-negative), `[tokens, 1]`, for a traced `k`: a bisection over the
+    float32 bit patterns, which order non-negative floats as their values
+    do (31 halvings of [0, inf]; a sort was 15 times slower on XLA's CPU)."""
+    bits = kops.view(activations, "int32")
+    lowest = kops.zeros_like(bits[:, :1])
+
+    def halve(_, bounds):
+        low, high = bounds  # at least k of a token's bits >= its low
+        middle = low + (high - low + 1) // 2
+        enough = kops.sum(kops.cast(bits >= middle, "int32"), -1,
+                          keepdims=True) >= k
+        return (kops.where(enough, middle, low),
+                kops.where(enough, high, middle - 1))
+    low, _ = kops.fori_loop(0, 31, halve, (lowest, lowest + 0x7F800000))
+    return kops.view(low, "float32")
+
+
+def _kept(activations, k):
+    """`activations` `[tokens, n]` (float32, non-negative) with all but
+    each token's `k` largest zeroed, ties at the `k`-th value going to the
+    lower index (what an exact top-k keeps). Every shape is the same at any
+    `k` (no gather of `k` rows), so one compilation serves every `k`."""
+    kth = _kth_largest(activations, k)
+    above = activations > kth
+    tied = kops.cast(activations == kth, "int32")
+    room = k - kops.sum(kops.cast(above, "int32"), -1, keepdims=True)
+    keep = kops.logical_or(above, kops.logical_and(
+        tied > 0, kops.cumsum(tied, axis=-1) <= room))
+    return kops.where(keep, activations, 0.0)
+
+
 def _outputs(mlp, inputs, k):
     """`(dense, top-k)`: the MLP's output (a `TopKActivation`'s is its
     activation's) with all its activations and with the `k` largest per
     token, float32; the output bias left out."""
+    activations = _hidden(mlp, inputs)
+    kept = _kept(activations, k)
     if isinstance(mlp, SparseMLP):
-        activations = _hidden(mlp, inputs)
         kernel = kops.cast(mlp.output_kernel, "float32")
-        values, indices = ops.topk_activations(activations, k, "exact")
-        return (ops.project(activations, kernel),
-                ops.sparse_mlp_product(values, indices, kernel))
-    inputs = kops.cast(inputs, "float32")
+        return ops.project(activations, kernel), ops.project(kept, kernel)
     activation = mlp._activation or (lambda x: x)
-    kept = ops.topk_mask(inputs, k, "exact")  # relu'd already
+    inputs = kops.cast(inputs, "float32")
     if mlp.activation != "relu":
         kept = activation(kept)
     return activation(inputs), kept
 
 
-def _curve(mlp, inputs, k, chunk=1024):
-    """`Profile.curve` of `mlp` at `k` on `inputs` `[tokens, d]`, in
-    float32 whatever the model's precision."""
+def _token_curve(mlp):
+    """`(part [tokens, d], k) -> (cosine, share)` of each token of `part`
+    (`Profile.curve` before the mean), compiled (`backend.compiled`; `k` a
+    traced int32 scalar, so one compilation serves every `k`), in float32
+    whatever the model's precision."""
     # Where a token has at most k active units, the top-k output is the
     # dense one (up to rounding), unless an activation other than ReLU
     # also passes negative inputs.
     exact_below_k = isinstance(mlp, SparseMLP) or mlp.activation == "relu"
-    cosines, shares = [], []
-    for start in range(0, len(inputs), chunk):
-        part = inputs[start:start + chunk]
+
+    def curve(part, k):
         dense, kept = _outputs(mlp, part, k)
         energy = kops.sum(dense * dense, -1)
         exact = energy == 0
@@ -227,10 +271,8 @@ def _curve(mlp, inputs, k, chunk=1024):
             kops.norm(kept, axis=-1) * kops.norm(dense, axis=-1), 1e-30)
         share = 1 - kops.sum((kept - dense) ** 2, -1) / kops.maximum(
             energy, 1e-30)
-        cosines.append(kops.convert_to_numpy(kops.where(exact, 1.0, cosine)))
-        shares.append(kops.convert_to_numpy(kops.where(exact, 1.0, share)))
-    return (float(np.mean(np.concatenate(cosines))),
-            float(np.mean(np.concatenate(shares))))
+        return kops.where(exact, 1.0, cosine), kops.where(exact, 1.0, share)
+    return backend.compiled(curve, mlp)
 
 
 def measure(model, batches):
@@ -372,7 +414,8 @@ def allocate(model, batches, mean_k, step=None, by="model",
         keras-hub's) the bytes are a constant plus `sum(k) * width *
         itemsize`.
       step: int or None. How much one greedy step lowers a `k`; None:
-        a 32nd of the widest MLP (at least 1).
+        a 32nd of the widest MLP, at most half of `mean_k` (at least 1),
+        so that the search can still tell MLPs apart at small budgets.
       by: one of `BY`. Defaults to "model".
       distance: `(outputs, reference) -> float`, for `by="model"`;
         defaults to `relative_error`.
@@ -388,9 +431,9 @@ def allocate(model, batches, mean_k, step=None, by="model",
     if not batches:
         raise ValueError("allocate got no batches: pass a few batches of "
                          "model inputs.")
-    step = checks.positive_int(
-        step if step is not None else
-        max(1, max(mlp.mlp_dim for mlp in mlps.values()) // 32), "step")
+    step = checks.positive_int(step if step is not None else max(1, min(
+        max(mlp.mlp_dim for mlp in mlps.values()) // 32,
+        math.floor(mean_k) // 2)), "step")
     with metrics_restored(model):
         active = measure(model, batches)
         if by == "model":

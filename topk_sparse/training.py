@@ -17,13 +17,16 @@ evaluators add their own folders), `backup/` (the
 training state after every epoch: a killed run started again with the same
 workdir resumes from its last finished epoch), `report.json` and
 `model.keras` (at the end); with `config.model.k = "auto:<mean k>"`,
-`allocation.json` (the k per MLP allocated before training).
+`allocation.json` (the k per MLP allocated before training) and, with
+`config.dense_warmup_epochs`, `dense_warmup/` (the workdir of the dense run
+it was allocated on).
 
 `config` is an `ml_collections.ConfigDict` from a `configs/*.py` file; see
 `configs/vit_digits.py` for every key.
 """
 
 import contextlib
+import copy
 import dataclasses
 import hashlib
 import json
@@ -93,6 +96,11 @@ def train(config, workdir, strategy=None):
     distribute.per_replica_batch(config.batch_size, strategy)
     jit_compile = _jit_compile(config.jit_compile, strategy)
 
+    # === Dense warm-up: k "auto:<mean k>" with no model to start from ===
+    budget = auto_budget(config.model.get("k"))
+    source = _source(config, budget, workdir, strategy)
+    keras.utils.set_random_seed(config.seed)  # as if it had not run here
+
     # === Input pipeline ===
     with _config_errors("config.data"):
         train_data, num_train = data.load(
@@ -110,8 +118,7 @@ def train(config, workdir, strategy=None):
     total_steps = config.epochs * steps_per_epoch
 
     # === Model and optimizer ===
-    budget = auto_budget(config.model.get("k"))
-    initial = _initial_model(config, budget)
+    initial = _initial_model(source)
     previous_policy = keras.mixed_precision.global_policy()
     keras.mixed_precision.set_global_policy(config.mixed_precision)
     try:
@@ -131,13 +138,13 @@ def train(config, workdir, strategy=None):
 
             model = build(**({} if budget is None else {"k": None}))
             if initial is not None:
-                _copy_weights(initial, model, config.init_from)
+                _copy_weights(initial, model, source)
             allocated = None
             if budget is not None:  # allocated on the dense model
-                allocated = _allocated_k(config, model, train_data,
-                                         workdir, budget)
+                allocated = _allocated_k(config, source, model, workdir,
+                                         budget)
                 dense, model = model, build(k=allocated["k"])
-                _copy_weights(dense, model, config.init_from)
+                _copy_weights(dense, model, source)
             model.compile(
                 optimizer=optimizers.make(config.optimizer, total_steps),
                 loss=spec.loss(), **spec.metrics(), jit_compile=jit_compile,
@@ -225,9 +232,10 @@ def train(config, workdir, strategy=None):
         # Share of training labels replaced by a uniformly drawn class.
         "label_noise": float(config.data.get("label_noise", 0.0)),
         "k": config.model.get("k"),
-        # The trained model whose weights this run started from, and for
-        # k "auto:<mean k>" the k allocated on it (allocation.json).
-        "init_from": config.get("init_from"),
+        # The trained model whose weights this run started from
+        # (config.init_from, or the dense warm-up's workdir), and for k
+        # "auto:<mean k>" the k allocated on it (allocation.json).
+        "init_from": source,
         "auto_k": allocated,
         # Each sparse layer's hidden width and k: k / mlp_dim is Top-k's
         # share (k None: dense).
@@ -268,9 +276,13 @@ def train(config, workdir, strategy=None):
 ConfigError = checks.ConfigError
 
 AUTO = "auto:"
-"""`config.model.k = "auto:<mean k>"`: one k per MLP, allocated on the
-dense model of `config.init_from` (`topk_sparse.allocation.allocate`) under
-that mean k, then fine-tuned."""
+"""`config.model.k = "auto:<mean k>"`: one k per MLP, allocated under that
+mean k (`topk_sparse.allocation.allocate`) on the dense model of
+`config.init_from`, or of a dense warm-up of `config.dense_warmup_epochs`,
+then trained."""
+
+WARMUP = "dense_warmup"
+"""The folder of a run's dense warm-up in its workdir."""
 
 
 def auto_budget(k):
@@ -286,20 +298,60 @@ def auto_budget(k):
         raise ConfigError(
             f"config.model.k={k!r} is not a k: give an int, None (dense), a "
             f"list or mapping of them, or {AUTO}<mean k> (e.g. {AUTO}16) to "
-            f"allocate k per MLP on the dense model of config.init_from."
-        ) from None
+            f"allocate k per MLP on a dense model (config.init_from or "
+            f"config.dense_warmup_epochs).") from None
 
 
-def _initial_model(config, budget):
-    """The model of `config.init_from` (a finished run's workdir, or a
-    `.keras` file), loaded; None without one."""
-    source = config.get("init_from")
-    if not source:
-        if budget is not None:
+def _source(config, budget, workdir, strategy):
+    """The trained model this run starts from: `config.init_from`, or,
+    with `config.dense_warmup_epochs`, the workdir of the dense warm-up,
+    trained (or resumed, or found finished) here first. None: none."""
+    epochs = config.get("dense_warmup_epochs") or 0
+    if not epochs:
+        if budget is not None and not config.get("init_from"):
             raise ConfigError(
                 f"config.model.k={config.model.k!r} allocates k on a trained "
                 f"dense model: set config.init_from to its workdir (a run "
-                f"with config.model.k=None) or its .keras file.")
+                f"with config.model.k=None) or its .keras file, or "
+                f"config.dense_warmup_epochs to train one first.")
+        return config.get("init_from")
+    checks.positive_int(epochs, "config.dense_warmup_epochs",
+                        error=ConfigError)
+    if budget is None:
+        raise ConfigError(
+            f"config.dense_warmup_epochs={epochs} trains a dense model to "
+            f"allocate config.model.k='{AUTO}<mean k>' on, not for "
+            f"k={config.model.get('k')!r}: unset it.")
+    if config.get("init_from"):
+        raise ConfigError(
+            f"config.dense_warmup_epochs={epochs} and config.init_from="
+            f"{config.init_from!r} both give the dense model to allocate k "
+            f"on: unset one.")
+    path = os.path.join(workdir, WARMUP)
+    train(warmup_config(config), path, strategy)
+    return path
+
+
+def warmup_config(config):
+    """The config of `config`'s dense warm-up: `config` at `k=None` for
+    `config.dense_warmup_epochs` epochs, without the evaluations a config
+    key asks for (it trains the weights that k is allocated on)."""
+    warmup = copy.deepcopy(config)
+    warmup.model.k = None
+    warmup.epochs = config.dense_warmup_epochs
+    warmup.dense_warmup_epochs = 0
+    flat = _flatten(_json(warmup))
+    warmup.update_from_flattened_dict({
+        evaluator.key: type(flat[evaluator.key])()
+        for evaluator in registry.EVALUATORS.values()
+        if flat.get(evaluator.key)})
+    return warmup
+
+
+def _initial_model(source):
+    """The model of `source` (a finished run's workdir, or a `.keras`
+    file: `config.init_from`), loaded; None without one."""
+    if not source:
         return None
     path = source if source.endswith(".keras") else os.path.join(
         source, "model.keras")
@@ -326,13 +378,13 @@ def _copy_weights(source, model, name):
         weight.assign(value)
 
 
-def _allocated_k(config, model, train_data, workdir, budget):
+def _allocated_k(config, source, model, workdir, budget):
     """`config.model.k = "auto:<budget>"`: the k per MLP allocated on
-    `model` (dense, with the weights of `config.init_from`) from
+    `model` (dense, with the weights of `source`) from the first
     `config.eval.allocate.examples` training examples, kept in
     `<workdir>/allocation.json`: a resumed run reads it back. Where the
-    run of `config.init_from` evaluated the same allocation (`_reported`),
-    its k is taken instead of searching again."""
+    run of `source` evaluated the same allocation (`_reported`), its k is
+    taken instead of searching again."""
     path = os.path.join(workdir, "allocation.json")
     settings = config.eval.allocate
     how = {"examples": settings.examples, "step": settings.step,
@@ -347,11 +399,16 @@ def _allocated_k(config, model, train_data, workdir, budget):
                 f"{before}, not {how}: use another --workdir, or the same "
                 f"settings to resume.")
         return allocated
-    allocated = _reported(config, budget, how)
+    allocated = _reported(config, source, budget, how)
     if allocated is None:
+        # From a split of its own: an iterator of the training stream would
+        # reshuffle the stream fit then sees, which a resumed run, reading
+        # allocation.json, would not.
+        examples, _ = data.load(config.data, "train", config.batch_size,
+                                train=True, seed=config.seed)
         with _config_errors("config.model.k"):
             chosen = allocation.allocate(
-                model, data.first_inputs(train_data, settings.examples),
+                model, data.first_inputs(examples, settings.examples),
                 budget, settings.step, settings.by)
         allocated = {"mean_k": chosen.mean_k, "k": chosen.k,
                      "distance": chosen.distance, **how}
@@ -359,14 +416,14 @@ def _allocated_k(config, model, train_data, workdir, budget):
     return allocated
 
 
-def _reported(config, budget, how):
-    """The k that the run of `config.init_from` allocated in its own
+def _reported(config, source, budget, how):
+    """The k that the run of `source` allocated in its own
     allocation evaluation (its report.json), where it did so dense, at
-    `budget`, with the settings `how`, on the examples this run would take
-    (the same seed, data, batch size and precision): the search is
-    deterministic, so it would choose them again, after minutes of eager
+    `budget`, with the settings `how`, on as many examples of the same
+    training stream (the same seed, data, batch size and precision; drawn
+    after its training, so in another shuffle of the split): what a search
+    here would choose on such examples, without its minutes of eager
     passes. None otherwise."""
-    source = config.init_from
     try:
         with tf.io.gfile.GFile(os.path.join(source, "report.json")) as f:
             reported = json.load(f).get("allocation") or {}
@@ -394,6 +451,12 @@ RUNTIME_KEYS = ("eval", "verbose", "strategy", "tpu", "num_cpu_devices",
                 "jit_compile", "steps_per_execution", "data.data_dir")
 
 
+# Trained keys added since workdirs were first written, each with the
+# value that trains as a config without it did: left out at that value, so
+# that an older workdir still resumes and keeps its fingerprint.
+ADDED_KEYS = {"dense_warmup_epochs": 0}
+
+
 def _json(config):
     """`config` as the JSON values config.json holds."""
     return json.loads(json.dumps(config.to_dict(), default=str))
@@ -412,11 +475,12 @@ def _flatten(tree, prefix=""):
 
 def trained_config(config):
     """`{dotted key: value}` of what `config` trains: every key but the
-    `RUNTIME_KEYS`."""
+    `RUNTIME_KEYS` and the `ADDED_KEYS` at their added values."""
     return {key: value for key, value in _flatten(
         config if isinstance(config, dict) else _json(config)).items()
         if not any(key == k or key.startswith(k + ".")
-                   for k in RUNTIME_KEYS)}
+                   for k in RUNTIME_KEYS)
+        and ADDED_KEYS.get(key, object()) != value}
 
 
 def config_fingerprint(config):
