@@ -326,6 +326,22 @@ def test_init_from_and_auto_k_errors_are_one_line(tmp_path, changes, match):
     assert not os.path.exists(os.path.join(tmp_path, "backup"))
 
 
+def test_a_workdir_from_before_an_added_key_still_resumes(tmp_path):
+    config = load_config("vit_digits", "runlocal")
+    older = json.loads(json.dumps(config.to_dict(), default=str))
+    for key in training.ADDED_KEYS:
+        del older[key]
+    with open(tmp_path / "config.json", "w") as f:
+        json.dump(older, f)
+    assert training.config_fingerprint(older) == \
+        training.config_fingerprint(config)
+    training._check_workdir(str(tmp_path), config)  # no error
+    config.dense_warmup_epochs = 2
+    with pytest.raises(training.ConfigError,
+                       match=r"dense_warmup_epochs: '\(not set\)' -> 2"):
+        training._check_workdir(str(tmp_path), config)
+
+
 def test_init_from_another_architecture_is_refused(tmp_path):
     source = str(tmp_path / "wide.keras")
     ViT("micro", image_size=16, num_classes=10, mlp_dim=64).save(source)
