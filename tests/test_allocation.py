@@ -7,6 +7,7 @@ import pytest
 
 from tests.backend import numpy
 from topk_sparse import allocation, ops, scoring, sparsity
+from topk_sparse.layers import SparseMLP
 from topk_sparse.models import T5, ViT
 
 
@@ -162,6 +163,59 @@ def test_allocation_of_a_topk_model_starts_at_its_own_k():
     assert set(np.diff(sums)) == {-1} and sums[-1] == 6
 
 
+def test_a_bytes_budget_counts_what_a_decoding_step_reads():
+    model = vit(seed=3)
+    mlps = model.sparse_mlps()
+    row = 4 * mlps["encoder_block_0_mlp"].output_kernel.shape[1]  # float32
+    dense = sum(numpy(weight).nbytes for mlp in mlps.values()
+                for weight in (mlp.intermediate_kernel, mlp.intermediate_bias,
+                               mlp.output_kernel, mlp.output_bias))
+    assert allocation.decode_bytes(model, None) == dense
+    assert allocation.decode_bytes(model, 128) == dense
+    assert allocation.decode_bytes(model, [9, 5]) - allocation.decode_bytes(
+        model, {"encoder_block_0_mlp": 8, "encoder_block_1_mlp": 5}) == row
+    # One output width: the bytes budget is the mean-k budget.
+    batches = [images(8, 4)]
+    for mean_k, extra in [(20, 0), (20.5, row)]:
+        by_bytes = allocation.allocate(
+            model, batches, by="mlp",
+            max_bytes=allocation.decode_bytes(model, 20) + extra)
+        by_mean = allocation.allocate(model, batches, mean_k, by="mlp")
+        assert (by_bytes.k, by_bytes.history) == (by_mean.k, by_mean.history)
+
+
+class TwoWidths(keras.Model):
+    """Two MLPs whose rows of the second kernel differ in bytes (4x)."""
+
+    def __init__(self):
+        super().__init__()
+        self.narrow = SparseMLP(64, output_dim=8, method="exact")
+        self.wide = SparseMLP(64, output_dim=32, method="exact")
+
+    def call(self, x):
+        return self.wide(self.narrow(x))
+
+    def sparse_mlps(self):
+        return {"narrow": self.narrow, "wide": self.wide}
+
+
+def test_a_bytes_budget_prices_each_mlp_by_its_rows():
+    keras.utils.set_random_seed(0)
+    model = TwoWidths()
+    batches = [np.random.default_rng(1).normal(size=(4, 16, 16)).astype(
+        "float32")]
+    model(batches[0])
+    budget = allocation.decode_bytes(model, 16)
+    for by in allocation.BY:
+        chosen = allocation.allocate(model, batches, max_bytes=budget,
+                                     step=4, by=by)
+        spent = allocation.decode_bytes(model, chosen.k)
+        # Within the budget, and short of it by less than the wide MLP's
+        # row (32 floats): the last step lowers only what is over.
+        assert budget - 4 * 32 < spent <= budget
+        assert chosen.history and chosen.history[-1][2] in chosen.k
+
+
 def test_k_applied_runs_other_k_and_gives_the_model_back():
     model = vit(k=16)
     model.compile()
@@ -199,6 +253,13 @@ def test_t5_allocates_over_encoder_and_decoder():
      r"mean_k must be a number in \[1, 128\]"),
     (lambda m: allocation.uniform(m, 129), r"in \[1, 128\].*got 129"),
     (lambda m: allocation.allocate(m, [], mean_k=8), "got no batches"),
+    (lambda m: allocation.allocate(m, [images(2, 0)]),
+     "allocate takes one budget, mean_k=.*or max_bytes=.*got mean_k=None"),
+    (lambda m: allocation.allocate(m, [images(2, 0)], 8, max_bytes=10 ** 6),
+     "allocate takes one budget"),
+    (lambda m: allocation.allocate(m, [images(2, 0)], max_bytes=100),
+     r"max_bytes must be a number of bytes of at least \d+ \(every MLP at "
+     r"k=1; dense reads \d+\), got 100"),
     (lambda m: allocation.measure(m, []), "got no batches"),
     (lambda m: allocation.allocate(m, [images(2, 0)], 8, step=0),
      "step must be a positive int"),

@@ -9,11 +9,14 @@ so one `k` for all is too many for some MLPs and too few for others. Here:
   per token (mean, quantiles) and, for any `k`, how much of the MLP's output
   the top-k of each token carries (`Profile.curve`, `Profile.needed_k`);
 - `allocate(model, batches, mean_k)`: one `k` per MLP, their mean at most
-  `mean_k`, chosen greedily in the spirit of TEAL (Liu et al., 2024): from
-  exact (each MLP's `k` at its most active token), lower by `step` the
-  `k` of the MLP whose lowering changes the model's outputs (or the MLP's
-  own) least on `batches`, until the budget is met;
+  `mean_k` (or the bytes a decoding step's MLPs read at most `max_bytes`),
+  chosen greedily in the spirit of TEAL (Liu et al., 2024): from exact
+  (each MLP's `k` at its most active token), lower by `step` the `k` of
+  the MLP whose lowering changes the model's outputs (or the MLP's own)
+  least on `batches`, until the budget is met;
 - `uniform(model, mean_k)`: the baseline, the same `k` everywhere;
+- `decode_bytes(model, k)`: the bytes of MLP weights a decoding step reads
+  at `k` on the gathered path (what `max_bytes` bounds);
 - `output_distance(model, batches, k)`: how far the outputs move at `k`
   (what `allocate` minimizes);
 - `k_applied(model, k)`: runs the model with other `k`s, restored on exit.
@@ -88,10 +91,9 @@ def k_applied(model, k):
         order, or a mapping `{MLP name: k}` (None: dense).
     """
     mlps = mlp_layers(model)
-    ks = [None if value is None else ops.validate_k(value, mlp.mlp_dim)
-          for mlp, value in zip(mlps.values(), k_per_mlp(k, list(mlps)))]
+    ks = _validated(mlps, k)
     saved = {name: (mlp.k, mlp.scorer) for name, mlp in mlps.items()}
-    for mlp, value in zip(mlps.values(), ks):
+    for mlp, value in zip(mlps.values(), ks.values()):
         mlp.k, mlp.scorer = value, None
     _drop_compiled(model)
     try:
@@ -100,6 +102,14 @@ def k_applied(model, k):
         for name, mlp in mlps.items():
             mlp.k, mlp.scorer = saved[name]
         _drop_compiled(model)
+
+
+def _validated(mlps, k):
+    """`{MLP name: k or None}` from what the models take as `k`."""
+    return {name: None if value is None else ops.validate_k(value,
+                                                           mlp.mlp_dim)
+            for (name, mlp), value in zip(mlps.items(),
+                                          k_per_mlp(k, list(mlps)))}
 
 
 def _drop_compiled(model):
@@ -373,6 +383,73 @@ def _validate_budget(mean_k, mlps):
     return mean_k
 
 
+def _read_bytes(mlps):
+    """`(fixed, {MLP name: bytes per unit of k})` of a decoding step on
+    the gathered path: what the MLPs read whatever their `k` (first
+    kernels, biases), and the bytes of one row of each second kernel."""
+    fixed, row = 0, {}
+    for name, mlp in mlps.items():
+        if not isinstance(mlp, SparseMLP):
+            raise ValueError(
+                f"MLP {name!r} is a {type(mlp).__name__}, which multiplies "
+                f"its whole second kernel (no gathered path to count the "
+                f"bytes of): give a mean_k budget instead.")
+        fixed += sum(kops.convert_to_numpy(weight).nbytes for weight in (
+            mlp.intermediate_kernel, mlp.intermediate_bias, mlp.output_bias)
+            if weight is not None)
+        row[name] = kops.convert_to_numpy(
+            mlp.output_kernel).nbytes // mlp.mlp_dim
+    return fixed, row
+
+
+def decode_bytes(model, k):
+    """The bytes of MLP weights one decoding step (one token) reads on the
+    gathered path with its MLPs at `k`: each `SparseMLP` reads its first
+    kernel and its biases whole and `k` rows of its second kernel (all of
+    them where its `k` is None), at the weights' stored dtype.
+
+    Args:
+      model: a model of `mlp_layers` whose MLPs are `SparseMLP`s (ours; a
+        keras-hub backbone's `TopKActivation`s raise: their backbones
+        multiply the whole second kernel).
+      k: what the models take: None or an int for all, a list in layer
+        order, or a mapping `{MLP name: k}` (None: dense).
+
+    Example: `decode_bytes(model, allocate(model, batches, 64).k)` against
+    `decode_bytes(model, 64)`.
+    """
+    mlps = mlp_layers(model)
+    fixed, row = _read_bytes(mlps)
+    return fixed + sum(row[name] * (mlps[name].mlp_dim if value is None
+                                    else value)
+                       for name, value in _validated(mlps, k).items())
+
+
+def _budget(mlps, mean_k, max_bytes):
+    """`(cost, budget)` of `allocate`: what one unit of each MLP's `k`
+    costs, and the most all of them may cost: `mean_k` times the number of
+    MLPs at a cost of 1, or `max_bytes` less what the MLPs read whatever
+    their `k`, at a row's bytes."""
+    if (mean_k is None) == (max_bytes is None):
+        raise ValueError(
+            f"allocate takes one budget, mean_k= (the mean k over MLPs) or "
+            f"max_bytes= (the bytes a decoding step's MLPs read), got "
+            f"mean_k={mean_k!r} and max_bytes={max_bytes!r}.")
+    if max_bytes is None:
+        _validate_budget(mean_k, mlps)
+        return dict.fromkeys(mlps, 1), math.floor(mean_k * len(mlps))
+    fixed, row = _read_bytes(mlps)
+    least = fixed + sum(row.values())
+    if isinstance(max_bytes, bool) or \
+            not isinstance(max_bytes, numbers.Real) or max_bytes < least:
+        dense = fixed + sum(row[name] * mlp.mlp_dim
+                            for name, mlp in mlps.items())
+        raise ValueError(
+            f"max_bytes must be a number of bytes of at least {least} (every "
+            f"MLP at k=1; dense reads {dense}), got {max_bytes!r}.")
+    return row, math.floor(max_bytes - fixed)
+
+
 def uniform(model, mean_k):
     """The same `k` for every MLP, `floor(mean_k)`: the baseline that
     `allocate` must beat at the same budget."""
@@ -385,9 +462,10 @@ BY = ("model", "mlp")
 """What `allocate` keeps close: the model's outputs, or each MLP's own."""
 
 
-def allocate(model, batches, mean_k, step=None, by="model",
-             distance=relative_error):
-    """One `k` per MLP, their mean at most `mean_k`, chosen greedily.
+def allocate(model, batches, mean_k=None, step=None, by="model",
+             distance=relative_error, max_bytes=None):
+    """One `k` per MLP, their mean at most `mean_k` (or what a decoding
+    step reads at most `max_bytes`), chosen greedily.
 
     The start is exact on `batches`: each MLP's own `k` (a Top-k model's),
     or, dense, the most units active in any of its tokens (`measure`),
@@ -407,15 +485,17 @@ def allocate(model, batches, mean_k, step=None, by="model",
       model: a model of `mlp_layers`.
       batches: list of model inputs.
       mean_k: number, the budget: the mean `k` over MLPs, in `[1, the
-        narrowest MLP's width]`. It is also a budget of the bytes a
-        decoding step's MLPs read on the gathered path: each reads all of
-        its first kernel and the `k` kept rows of its second, each row
-        `width` wide, so where the MLPs share one width (ours and
-        keras-hub's) the bytes are a constant plus `sum(k) * width *
-        itemsize`.
+        narrowest MLP's width]`.
+      max_bytes: number, the budget instead of `mean_k`: the most bytes
+        of MLP weights a decoding step may read on the gathered path
+        (`decode_bytes`). Each MLP reads its first kernel whole and a row
+        of its second per unit of `k`, so where the MLPs share one output
+        width (ours do) this is a mean-`k` budget in other units; where
+        they do not, a unit of `k` costs each MLP its own row's bytes.
       step: int or None. How much one greedy step lowers a `k`; None:
-        a 32nd of the widest MLP, at most half of `mean_k` (at least 1),
-        so that the search can still tell MLPs apart at small budgets.
+        a 32nd of the widest MLP, at most half of the mean `k` the budget
+        allows (at least 1), so that the search can still tell MLPs apart
+        at small budgets.
       by: one of `BY`. Defaults to "model".
       distance: `(outputs, reference) -> float`, for `by="model"`;
         defaults to `relative_error`.
@@ -424,7 +504,7 @@ def allocate(model, batches, mean_k, step=None, by="model",
       An `Allocation`.
     """
     mlps = mlp_layers(model)
-    _validate_budget(mean_k, mlps)
+    cost, budget = _budget(mlps, mean_k, max_bytes)
     if by not in BY:
         raise ValueError(f"Unknown by={by!r}: choose one of {BY}.")
     batches = list(batches)
@@ -433,7 +513,7 @@ def allocate(model, batches, mean_k, step=None, by="model",
                          "model inputs.")
     step = checks.positive_int(step if step is not None else max(1, min(
         max(mlp.mlp_dim for mlp in mlps.values()) // 32,
-        math.floor(mean_k) // 2)), "step")
+        budget // sum(cost.values()) // 2)), "step")
     with metrics_restored(model):
         active = measure(model, batches)
         if by == "model":
@@ -448,12 +528,12 @@ def allocate(model, batches, mean_k, step=None, by="model",
         k = {name: mlp.k if mlp.k is not None else max(1, min(
             mlp.mlp_dim, step * math.ceil(active[name].active.max() / step)))
             for name, mlp in mlps.items()}
-        budget = math.floor(mean_k * len(mlps))
         history = []
         current = tried(k)
-        while sum(k.values()) > budget:
-            cut = min(step, sum(k.values()) - budget)
-            lower = {name: max(1, value - cut) for name, value in k.items()
+        while (over := sum(cost[name] * value
+                           for name, value in k.items()) - budget) > 0:
+            lower = {name: max(1, value - min(step, math.ceil(
+                over / cost[name]))) for name, value in k.items()
                      if value > 1}
             trials = {name: tried({**k, name: value})
                       for name, value in lower.items()}

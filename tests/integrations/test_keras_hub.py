@@ -183,6 +183,9 @@ def test_measure_and_allocate_on_a_backbone(model):
         assert -1 <= cosine <= 1 and share <= 1
     chosen = allocation.allocate(measured, [inputs], mean_k=K, step=4)
     assert sum(chosen.k.values()) == K * len(names)
+    with pytest.raises(ValueError, match="is a TopKActivation, which "
+                                         "multiplies its whole second kernel"):
+        allocation.allocate(measured, [inputs], max_bytes=10 ** 9)
     allocated = hub.sparsify(backbone, chosen.k)
     assert [layer.k for layer in allocated.topk_activations] == list(
         chosen.k.values())
