@@ -313,7 +313,7 @@ def test_vit_takes_one_k_per_mlp(k, tmp_path):
     assert [m.k for m in loaded.sparse_mlps().values()] == [4, None]
 
 
-def test_t5_takes_one_k_per_mlp_encoder_then_decoder():
+def test_t5_takes_one_k_per_mlp_encoder_then_decoder(tmp_path):
     ks = [8, 16, 32, None]
     model = _t5(k=ks)
     assert {name: mlp.k for name, mlp in model.sparse_mlps().items()} == {
@@ -322,6 +322,9 @@ def test_t5_takes_one_k_per_mlp_encoder_then_decoder():
     same = _t5(k=dict(zip(model.sparse_mlps(), ks)))
     assert same.get_config()["k"] != model.get_config()["k"]
     assert [m.k for m in same.sparse_mlps().values()] == ks
+    inputs, _ = _copy_task(n=2, length=5)
+    loaded = _check_round_trip(model, inputs, tmp_path)
+    assert [m.k for m in loaded.sparse_mlps().values()] == ks
 
 
 @pytest.mark.parametrize("k, match", [
