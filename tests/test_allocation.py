@@ -252,6 +252,7 @@ def test_t5_allocates_over_encoder_and_decoder():
     (lambda m: allocation.allocate(m, [images(2, 0)], mean_k=0),
      r"mean_k must be a number in \[1, 128\]"),
     (lambda m: allocation.uniform(m, 129), r"in \[1, 128\].*got 129"),
+    (lambda m: allocation.uniform(m, True), r"in \[1, 128\].*got True"),
     (lambda m: allocation.allocate(m, [], mean_k=8), "got no batches"),
     (lambda m: allocation.allocate(m, [images(2, 0)]),
      "allocate takes one budget, mean_k=.*or max_bytes=.*got mean_k=None"),
@@ -260,6 +261,8 @@ def test_t5_allocates_over_encoder_and_decoder():
     (lambda m: allocation.allocate(m, [images(2, 0)], max_bytes=100),
      r"max_bytes must be a number of bytes of at least \d+ \(every MLP at "
      r"k=1; dense reads \d+\), got 100"),
+    (lambda m: allocation.allocate(m, [images(2, 0)], max_bytes=True),
+     "max_bytes must be a number of bytes.*got True"),
     (lambda m: allocation.measure(m, []), "got no batches"),
     (lambda m: allocation.allocate(m, [images(2, 0)], 8, step=0),
      "step must be a positive int"),

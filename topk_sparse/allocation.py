@@ -41,7 +41,6 @@ True
 import contextlib
 import dataclasses
 import math
-import numbers
 
 import keras
 import numpy as np
@@ -375,8 +374,7 @@ class Allocation:
 
 def _validate_budget(mean_k, mlps):
     smallest = min(mlp.mlp_dim for mlp in mlps.values())
-    if isinstance(mean_k, bool) or not isinstance(mean_k, numbers.Real) or \
-            not 1 <= mean_k <= smallest:
+    if not checks.is_number(mean_k) or not 1 <= mean_k <= smallest:
         raise ValueError(
             f"mean_k must be a number in [1, {smallest}] (the narrowest "
             f"MLP's width), got {mean_k!r}.")
@@ -440,8 +438,7 @@ def _budget(mlps, mean_k, max_bytes):
         return dict.fromkeys(mlps, 1), math.floor(mean_k * len(mlps))
     fixed, row = _read_bytes(mlps)
     least = fixed + sum(row.values())
-    if isinstance(max_bytes, bool) or \
-            not isinstance(max_bytes, numbers.Real) or max_bytes < least:
+    if not checks.is_number(max_bytes) or max_bytes < least:
         dense = fixed + sum(row[name] * mlp.mlp_dim
                             for name, mlp in mlps.items())
         raise ValueError(

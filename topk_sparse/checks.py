@@ -15,6 +15,12 @@ class ConfigError(ValueError):
     binaries print it without a traceback."""
 
 
+def is_number(value):
+    """Whether `value` is a real number (numpy's included), not a bool:
+    what a float argument accepts before its own range check."""
+    return not isinstance(value, bool) and isinstance(value, numbers.Real)
+
+
 def integer(value, name):
     """`value` as an int if it is an integral number (not a bool), else
     raises `ValueError` naming `name`."""

@@ -9,7 +9,6 @@ tokens do too (greedy tokens do not).
 """
 
 import math
-import numbers
 
 from keras import ops
 import numpy as np
@@ -20,14 +19,12 @@ from topk_sparse import backend, checks
 def token_chooser(temperature, top_k, top_p, seed, vocab_size):
     """`choose(logits, step)` for `T5.generate`'s arguments, checked here
     (see its docstring)."""
-    if isinstance(temperature, bool) or \
-            not isinstance(temperature, numbers.Real) or \
+    if not checks.is_number(temperature) or \
             not 0 <= temperature < math.inf:
         raise ValueError(f"temperature must be a finite number >= 0 (0 is "
                          f"greedy), got {temperature!r}.")
     top_k = checks.int_in_range(top_k, "top_k", 0, vocab_size)
-    if isinstance(top_p, bool) or not isinstance(top_p, numbers.Real) or \
-            not 0 < top_p <= 1:
+    if not checks.is_number(top_p) or not 0 < top_p <= 1:
         raise ValueError(f"top_p must be a number in (0, 1], got {top_p!r}.")
     seed = _seed_pair(seed)
     if temperature == 0:
