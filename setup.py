@@ -20,10 +20,15 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     # configs/ (the trainers' --config files) installs as topk_sparse.configs,
-    # so that notebooks and user code import them without a checkout.
+    # so that notebooks and user code import them without a checkout, and
+    # trainers/ (the binaries) as topk_sparse.trainers, with console scripts.
     packages=[*find_packages(include=["topk_sparse", "topk_sparse.*"]),
-              "topk_sparse.configs"],
-    package_dir={"topk_sparse.configs": "configs"},
+              "topk_sparse.configs", "topk_sparse.trainers"],
+    package_dir={"topk_sparse.configs": "configs",
+                 "topk_sparse.trainers": "trainers"},
+    entry_points={"console_scripts": [
+        f"topk-sparse-{name}=topk_sparse.trainers.{name}:main"
+        for name in ("vit", "t5", "study")]},
     python_requires=">=3.10",
     install_requires=[
         "keras>=3.10,<4",

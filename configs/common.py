@@ -128,9 +128,16 @@ def base_config():
 # The dimensions every model takes beside its variant; None: the variant's.
 DIMENSIONS = ("width", "depth", "num_heads", "mlp_dim")
 
+# T5's relative position buckets (arXiv 1910.10683, Sec. 2.1): keys of
+# every T5 config, so that `--config.model.num_buckets=64` sets them.
+T5_POSITIONS = {"num_buckets": 32, "max_distance": 128}
 
-def model(name, k, method="auto", **architecture):
-    """`config.model`: the model's name, sparsity and architecture keys.
+
+def model(name, k, method="auto", recall_target=0.95, implementation="auto",
+          **architecture):
+    """`config.model`: the model's name, sparsity and architecture keys:
+    every argument of the model a user may set (what the data decides,
+    sizes and vocabulary, is not a key).
 
     The `DIMENSIONS` are keys whether or not `architecture` sets them, so
     that `--config.model.mlp_dim=512` overrides the variant's (as in
@@ -140,10 +147,17 @@ def model(name, k, method="auto", **architecture):
     section = ml_collections.ConfigDict({"name": name})
     for dimension in DIMENSIONS:
         section[dimension] = config_dict.placeholder(int)
+    if name == "vit":
+        section.patch_size = config_dict.placeholder(int)  # the variant's
+    if name == "t5":
+        section.update(T5_POSITIONS)
     section.update(architecture)
     section.k = config_dict.placeholder(object)
     section.k = k
-    section.method = method  # one of topk_sparse.ops.METHODS
+    section.method = method  # one of topk_sparse.ops.METHOD_NAMES
+    section.recall_target = recall_target  # of "approx"
+    # topk_sparse.ops.IMPLEMENTATIONS: masked, gather or auto (per call).
+    section.implementation = implementation
     return section
 
 

@@ -55,7 +55,7 @@ by seed (95% t-intervals), on the test split:
 Most of its time is the dense runs' allocation evaluation (`by="model"`,
 eager passes): 8-10 min for a 6-block ViT beside its 1-2 min of training
 while another process shared the CPU (35 min with two others); the
-fine-tunings take the k of that evaluation (`training._reported`; all
+fine-tunings take the k of that evaluation (`warm_start._reported`; all
 but T5's first, run before that existed) and take 1-80 s each.
 """
 

@@ -85,9 +85,10 @@ def check_layer(layer_cls, init_kwargs, input_shape, expected_output_shape,
     batch = (len(x),) if batched_output else ()
     assert eager.shape == (*batch, *expected_output_shape)
     assert len(layer.trainable_weights) == expected_num_trainable_weights
-    # Non-trainable: only the counts of the layer's metrics.
-    assert {id(w) for w in layer.non_trainable_weights} <= {
-        id(v) for v in metric_state(layer)}
+    # The counts of the layer's metrics are layer state, not weights.
+    assert not layer.non_trainable_weights
+    assert {id(v) for v in metric_state(layer)} <= {
+        id(v) for v in layer.non_trainable_variables}
     # Traced and XLA-compiled calls give the eager result.
     for mode in ("function", "jit"):
         traced = backend.numpy(backend.compiled_call(layer, mode)(x))

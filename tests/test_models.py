@@ -11,7 +11,7 @@ import pytest
 
 from tests import backend
 from tests.backend import numpy
-from topk_sparse import SparseMLP
+from topk_sparse import SparseMLP, ops
 from topk_sparse.models import (T5, T5_VARIANTS, VIT_VARIANTS,
                                 TransformerBlock, ViT,
                                 relative_position_bucket)
@@ -362,3 +362,55 @@ def test_bad_arguments(make, match):
     with pytest.raises(ValueError, match=match):
         make()
 
+
+
+# Weights between configurations of one architecture -------------------------
+
+_CONFIGURATIONS = [{"k": None}] + [
+    {"k": K, "method": method, "implementation": implementation}
+    for method in sorted(ops.METHODS)
+    for implementation in ("masked", "gather")]
+
+
+@pytest.mark.parametrize("make, inputs", [
+    (_vit, lambda: _images(n=2)[0]),
+    (_t5, lambda: _copy_task(n=2, length=5)[0])], ids=["vit", "t5"])
+def test_weights_move_between_dense_and_every_topk_configuration(
+        make, inputs, tmp_path):
+    """A dense checkpoint loads into a Top-k model of any method and path
+    (the paper's workflow) and back, by every Keras means: the sparsity
+    metrics' counts are not weights."""
+    x = inputs()
+    models = [make(**config) for config in _CONFIGURATIONS]
+    for model in models:
+        model(x)
+    dense = models[0]
+    path = str(tmp_path / "dense.weights.h5")
+    dense.save_weights(path)
+    expected = [numpy(w) for w in dense.weights]
+    for config, model in zip(_CONFIGURATIONS[1:], models[1:]):
+        assert len(model.weights) == len(dense.weights), config
+        assert all(w.dtype == "float32" for w in model.weights), config
+        model.load_weights(path)
+        for weight, value in zip(model.weights, expected):
+            np.testing.assert_array_equal(numpy(weight), value)
+        model.set_weights([value + 1.0 for value in expected])
+        model.save_weights(str(tmp_path / "topk.weights.h5"))
+        dense.load_weights(str(tmp_path / "topk.weights.h5"))
+        dense.set_weights(model.get_weights())
+        np.testing.assert_array_equal(numpy(dense.weights[0]),
+                                      expected[0] + 1.0)
+        dense.set_weights(expected)
+
+
+def test_a_keras_file_whose_counts_were_weights_still_loads():
+    """A `.keras` file written before 2026-12, when the sparsity counts
+    were layer weights (an `"approx"` ViT: nonzero and recall counts),
+    loads with the same outputs."""
+    stored = os.path.join(os.path.dirname(__file__), "data",
+                          "vit_approx_counts_as_weights")
+    model = keras.saving.load_model(f"{stored}.keras")
+    x = np.random.default_rng(0).normal(
+        size=(2, IMAGE_SIZE, IMAGE_SIZE, 3)).astype("float32")
+    np.testing.assert_allclose(numpy(model(x)), np.load(f"{stored}.npy"),
+                               rtol=1e-6, atol=1e-6)

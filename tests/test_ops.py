@@ -295,7 +295,7 @@ def test_auto_and_approx_use_approx_max_k_on_tpu(monkeypatch):
         with pytest.raises(TypeError, match="float64"):
             ops.topk_mask(x.astype("float64"), 8, method="approx")
     monkeypatch.setattr(ops, "on_tpu", lambda: False)
-    assert ops.resolve_method("auto") == "exact"
+    assert ops.resolve_method("auto").name == "exact"
 
 
 @pytest.mark.parametrize("k,match", [
@@ -316,7 +316,7 @@ def test_bad_k(k, match):
 def test_k_accepts_integral_numbers(k):
     assert ops.validate_k(k, 8) == 3 and type(ops.validate_k(k)) is int
     x = normal([2, 8], seed=1)
-    for method in ("exact", "approx", "statistical"):
+    for method in sorted(ops.METHODS):
         values, indices = ops.topk_activations(x, k, method)
         assert values.shape == indices.shape == (2, 3)
         np.testing.assert_array_equal(numpy(ops.topk_mask(x, k, method)),
@@ -345,6 +345,45 @@ def test_bad_inputs():
         with pytest.raises(ValueError, match="rank >= 1"):
             tf.function(lambda x: ops.topk_mask(x, 2)).get_concrete_function(
                 tf.TensorSpec(None))
+
+
+def _input_kinds():
+    """What `keras.ops.convert_to_tensor` accepts, as makers from numpy."""
+    kinds = {"list": lambda a: a.tolist(),
+             "tensor": keras.ops.convert_to_tensor,
+             "keras.Variable": keras.Variable}
+    if backend.BACKEND == "tensorflow":
+        import tensorflow as tf
+        kinds["tf.Variable"] = tf.Variable
+    return kinds
+
+
+_PUBLIC_OPS = {  # name: arguments from numpy operands
+    "topk_mask": lambda x, indices, kernel: (x, 4),
+    "topk_indices": lambda x, indices, kernel: (x, 4),
+    "topk_activations": lambda x, indices, kernel: (x, 4),
+    "statistical_cutoff": lambda x, indices, kernel: (x, 4),
+    "project": lambda x, indices, kernel: (x, kernel),
+    "sparse_mlp_product": lambda x, indices, kernel: (
+        x[:, :4], indices, kernel),
+    "indices_to_mask": lambda x, indices, kernel: (indices, 16, "float32"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(_input_kinds()))
+@pytest.mark.parametrize("name", sorted(_PUBLIC_OPS))
+def test_every_public_op_takes_what_convert_to_tensor_takes(name, kind):
+    operands = (normal([3, 16], seed=0),
+                np.arange(12, dtype="int32").reshape(3, 4),
+                normal([16, 5], seed=1))
+    arguments = _PUBLIC_OPS[name](*operands)
+    make = _input_kinds()[kind]
+    converted = [make(a) if isinstance(a, np.ndarray) else a
+                 for a in arguments]
+    op = getattr(ops, name)
+    for got, want in zip(keras.tree.flatten(op(*converted)),
+                         keras.tree.flatten(op(*arguments))):
+        np.testing.assert_array_equal(numpy(got), numpy(want))
 
 
 def reference_statistical(x, k):
@@ -394,7 +433,7 @@ def test_statistical_unknown_dims_gradient_jit_and_bfloat16():
                - float(np.mean(y > 0)) * 256) < 1
 
 
-@pytest.mark.parametrize("method", ["exact", "approx", "statistical"])
+@pytest.mark.parametrize("method", sorted(ops.METHODS))
 def test_topk_activations_feed_the_sparse_product(method):
     x = normal([4, 5, 96], seed=1)
     kernel = normal([96, 12], seed=2)
@@ -425,7 +464,7 @@ def with_nan_tokens(seed, shape=(2, 3, 512)):
 
 
 @pytest.mark.parametrize("mode", backend.MODES)
-@pytest.mark.parametrize("method", ["exact", "approx", "statistical"])
+@pytest.mark.parametrize("method", sorted(ops.METHODS))
 def test_nan_token_propagates_and_leaves_other_tokens(method, mode):
     k, n = 8, 512
     assert ops.approx_bin_count(n, k, 0.9) < n  # "approx" bins for real
@@ -474,7 +513,7 @@ def test_nan_token_propagates_and_leaves_other_tokens(method, mode):
         assert (indices[nan_tokens] == np.arange(k)).all()
 
 
-@pytest.mark.parametrize("method", ["exact", "approx", "statistical"])
+@pytest.mark.parametrize("method", sorted(ops.METHODS))
 def test_nan_row_keeps_nan_not_its_largest_values(method):
     # Before: exact kept both NaNs and dropped 5 and 4.
     x = np.array([3.0, np.nan, 2.0, 5.0, -1.0, np.nan, 1.0, 4.0], "float32")
@@ -496,7 +535,7 @@ def outputs_on_this_backend(x):
     """`{name: numpy array}`: Top-k of `x` by method, and the gathered
     product, as this process's backend computes them."""
     out = {}
-    for method in ("exact", "approx", "statistical"):
+    for method in sorted(ops.METHODS):
         out[f"{method}/mask"] = ops.topk_mask(x, 24, method, 0.9)
         values, indices = ops.topk_activations(x, 24, method, 0.9)
         out[f"{method}/values"], out[f"{method}/indices"] = values, indices
@@ -545,3 +584,22 @@ def test_the_other_backend_gives_the_same_outputs(tmp_path):
             rtol = 1e-5 if key.endswith("product") else 0
             np.testing.assert_allclose(ours, theirs[key], rtol=rtol,
                                        atol=rtol, equal_nan=True, err_msg=key)
+
+
+@pytest.mark.parametrize("name", sorted(ops.METHODS))
+def test_each_method_record_says_what_it_does(name):
+    """`approximate`: whether it may miss the exact top-k; `selects_indices`:
+    whether it keeps exactly k entries (and the gathered path the same)."""
+    method = ops.METHODS[name]
+    x = normal([64, 512], seed=3)
+    kept = numpy(ops.topk_mask(x, 16, name)) != 0
+    exact = numpy(ops.topk_mask(x, 16, "exact")) != 0
+    if not method.approximate:
+        np.testing.assert_array_equal(kept, exact)
+    if method.selects_indices:
+        assert (kept.sum(axis=1) == 16).all()
+        values, indices = ops.topk_activations(x, 16, name)
+        np.testing.assert_array_equal(
+            np.sort(numpy(indices), axis=1),
+            np.sort(np.argwhere(kept)[:, 1].reshape(64, 16), axis=1))
+    assert ops.gathers("auto", name, 16, 1, 512) == method.selects_indices

@@ -2,35 +2,80 @@
 `import topk_sparse` on JAX without TensorFlow.
 
 A wheel is what `pip install "topk_sparse @ git+..."` installs: it must
-carry the library and the trainers' configs (as `topk_sparse.configs`,
-which notebooks import without a checkout).
+carry the library, the trainers' configs (as `topk_sparse.configs`, which
+notebooks import without a checkout) and the training binaries (as
+`topk_sparse.trainers`, with console scripts).
 """
 
 import importlib.util
 import os
 import pathlib
+import site
 import subprocess
 import sys
 import tomllib
 import zipfile
 
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
-def test_wheel_carries_library_and_configs(tmp_path):
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory):
+    """A wheel of this checkout."""
+    folder = tmp_path_factory.mktemp("wheel")
     # No build isolation: the environment's setuptools, no index needed.
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
-         "--no-build-isolation", "-w", str(tmp_path / "wheel"), str(ROOT)],
-        check=True, cwd=tmp_path,
+         "--no-build-isolation", "-w", str(folder), str(ROOT)],
+        check=True, cwd=folder,
         env={"PIP_NO_INPUT": "1", "PATH": "/usr/bin:/bin"})
-    (wheel,) = (tmp_path / "wheel").glob("topk_sparse-*.whl")
+    (path,) = folder.glob("topk_sparse-*.whl")
+    return path
+
+
+def test_wheel_carries_library_configs_and_trainers(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
-    for config in (ROOT / "configs").glob("*.py"):
-        assert f"topk_sparse/configs/{config.name}" in names
+    for folder in ("configs", "trainers"):
+        for module in (ROOT / folder).glob("*.py"):
+            assert f"topk_sparse/{folder}/{module.name}" in names
     assert "topk_sparse/training.py" in names
     assert not any(name.startswith(("configs/", "tests/", "trainers/"))
                    for name in names), sorted(names)
+
+
+@pytest.mark.slow
+def test_an_installed_wheel_runs_the_binaries(wheel, tmp_path):
+    """In a fresh venv holding the wheel (its dependencies are this
+    environment's, seen through a path file, not its editable install),
+    outside a checkout: the console scripts and `python -m` train, and
+    `--config=configs/<file>` names the package's config."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    (purelib,) = venv.glob("lib/python*/site-packages")
+    (purelib / "dependencies.pth").write_text(
+        "\n".join(site.getsitepackages()) + "\n")
+    subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install",
+                    "-q", "--no-deps", "--no-index", str(wheel)], check=True)
+    env = {**os.environ, "KERAS_BACKEND": "tensorflow", "PYTHONPATH": ""}
+    where = subprocess.run(
+        [str(venv / "bin" / "python"), "-c",
+         "import topk_sparse.trainers as t; print(t.__file__)"],
+        check=True, cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert where.stdout.startswith(str(purelib)), where.stdout
+    subprocess.run(
+        [str(venv / "bin" / "topk-sparse-vit"),
+         "--config=configs/vit_digits.py:runlocal",
+         f"--workdir={tmp_path / 'vit'}"],
+        check=True, cwd=tmp_path, env=env, timeout=600)
+    assert (tmp_path / "vit" / "report.json").exists()
+    refused = subprocess.run(
+        [str(venv / "bin" / "python"), "-m", "topk_sparse.trainers.t5",
+         "--config=configs/t5_synthetic.py:runlocal", "--config.model.kk=1"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 1
+    assert "Unknown config key 'kk'" in refused.stderr, refused.stderr
 
 
 def readme_commands():

@@ -16,7 +16,7 @@ import pytest
 import tensorflow as tf
 
 from topk_sparse.configs import common
-from topk_sparse import evaluation, registry, training
+from topk_sparse import registry, training
 from topk_sparse.layers import SparseMLP
 
 FEATURES, CLASSES = 6, 3
@@ -60,7 +60,7 @@ def registered():
     registry.register_dataset("blobs", blobs,
                               features=lambda kwargs: {"num_classes": CLASSES})
     registry.register_model(
-        "token_classifier", metrics=evaluation.classifier_metrics,
+        "token_classifier", metrics=registry.classifier_metrics,
         build=lambda kwargs, data: TokenClassifier(
             data.features["num_classes"], **kwargs),
         evaluators=("calibration", "two_stage"))
@@ -122,3 +122,50 @@ def test_training_names_no_model_and_no_dataset():
     source = inspect.getsource(training)
     for name in (*registry.MODELS, *registry.DATASETS):
         assert not re.search(rf"\b{name}\b", source, re.IGNORECASE), name
+
+
+@pytest.mark.parametrize("name, model_class", [
+    ("vit_digits", "ViT"), ("vit_cifar10", "ViT"), ("vit_b16_imagenet", "ViT"),
+    ("t5_synthetic", "T5"), ("t5_small_c4", "T5"), ("t5_base_c4", "T5"),
+    ("t5_wmt", "T5")])
+def test_every_model_argument_is_a_config_key(name, model_class):
+    """`--config.model.<argument>` sets any argument of the model a user
+    may choose; what the data decides (sizes, vocabulary) and the dtype
+    (`config.mixed_precision`) are not keys."""
+    from tests.runs import load_config
+    from topk_sparse import models
+    from_data = {"image_size", "channels", "num_classes", "vocab_size",
+                 "dtype", "kwargs", "self"}
+    arguments = set(inspect.signature(
+        getattr(models, model_class).__init__).parameters) - from_data
+    config = load_config(name)
+    assert arguments <= set(config.model), sorted(
+        arguments - set(config.model))
+
+
+def _imports(path):
+    """The `topk_sparse` modules that the file at `path` imports."""
+    import ast
+    found = set()
+    for node in ast.walk(ast.parse(open(path, encoding="utf-8").read())):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found.update([node.module] + [f"{node.module}.{alias.name}"
+                                          for alias in node.names])
+    return {name for name in found if name.startswith("topk_sparse")}
+
+
+def test_models_and_data_do_not_import_each_other_nor_evaluation_models():
+    """The data side and the models meet only in the trainer (and share
+    `topk_sparse.vocabulary`); evaluators know no model."""
+    import glob
+    package = os.path.dirname(registry.__file__)
+    for side, other in (("models", "data"), ("data", "models")):
+        for path in glob.glob(os.path.join(package, side, "*.py")):
+            bad = {name for name in _imports(path)
+                   if name.startswith(f"topk_sparse.{other}")}
+            assert not bad, (path, bad)
+    assert not {name for name in _imports(
+        os.path.join(package, "evaluation.py"))
+        if name.startswith("topk_sparse.models")}

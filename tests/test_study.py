@@ -11,6 +11,9 @@ from scipy import stats
 
 from topk_sparse.configs import study as study_config
 from topk_sparse import study, training
+from topk_sparse.data import random_images
+from topk_sparse.study import runner
+from topk_sparse.workdir import config_fingerprint, write_json
 
 VERDICTS = {"agrees", "does not", "not significant", "—"}
 
@@ -41,14 +44,13 @@ def test_verdicts(low, high, test, expected):
 
 
 def test_random_images_are_noise_with_random_labels():
-    ds, n = study.load_random_images("train", 8, train=True, seed=3,
-                                     image_size=6, channels=1,
-                                     num_examples=20)
+    load = random_images.load_random_images
+    ds, n = load("train", 8, train=True, seed=3, image_size=6, channels=1,
+                 num_examples=20)
     x, y = next(iter(ds))
     assert n == 20 and x.shape == (8, 6, 6, 1) and y.shape == (8,)
     assert 0 <= float(np.min(x)) and float(np.max(x)) <= 1
-    test_ds, test_n = study.load_random_images("test", 4, train=False,
-                                               num_examples=20)
+    test_ds, test_n = load("test", 4, train=False, num_examples=20)
     assert test_n == 5 and sum(len(b[1]) for b in test_ds) == 5
 
 
@@ -134,9 +136,9 @@ def test_a_fine_tuning_waits_for_its_source_in_another_process(
             assert os.path.exists(os.path.join(run_config.init_from,
                                                "report.json"))
         trained.append(os.path.basename(run_dir))
-        study._write_json(os.path.join(run_dir, "report.json"), {})
+        write_json(os.path.join(run_dir, "report.json"), {})
     monkeypatch.setattr(training, "train", train)
-    monkeypatch.setattr(study, "initial_nonzero", lambda *args: {})
+    monkeypatch.setattr(runner, "initial_nonzero", lambda *args: {})
     held = runs[0]  # a dense run another live process trains
     os.makedirs(os.path.join(workdir, "runs", held["name"]))
     with open(os.path.join(workdir, "runs", held["name"], "lock"),
@@ -165,14 +167,14 @@ def test_the_stored_results_page_is_the_page_of_the_stored_study(folder):
 
 def test_a_run_another_live_process_holds_is_left_to_it(tmp_path):
     run_dir = str(tmp_path / "run")
-    assert study._take(run_dir)  # free: taken, our pid written
-    assert study._take(run_dir)  # ours already
+    assert runner._take(run_dir)  # free: taken, our pid written
+    assert runner._take(run_dir)  # ours already
     with open(os.path.join(run_dir, "lock"), "w") as f:
         f.write(str(os.getppid()))  # a live process (pytest's parent)
-    assert not study._take(run_dir)
+    assert not runner._take(run_dir)
     with open(os.path.join(run_dir, "lock"), "w") as f:
         f.write("99999999")  # no such process: a killed study's lock
-    assert study._take(run_dir)
+    assert runner._take(run_dir)
     with open(os.path.join(run_dir, "lock")) as f:
         assert int(f.read()) == os.getpid()
 
@@ -200,8 +202,8 @@ def test_quick_study_writes_consistent_outputs(quick):
         with open(os.path.join(run_dir, "report.json")) as f:
             assert json.load(f) == result["report"]
         with open(os.path.join(run_dir, "config.json")) as f:
-            assert training.config_fingerprint(json.load(f)) == \
-                training.config_fingerprint(spec["config"])
+            assert config_fingerprint(json.load(f)) == \
+                config_fingerprint(spec["config"])
         init = result["init_nonzero"]
         if spec["source"]:  # a fine-tuning starts trained
             assert init is None
@@ -274,6 +276,6 @@ def test_a_finished_study_trains_nothing_again(quick, monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a finished run was trained again")
     monkeypatch.setattr(training, "train", refuse)
-    monkeypatch.setattr(study, "initial_nonzero", refuse)
+    monkeypatch.setattr(runner, "initial_nonzero", refuse)
     again = study.run(config, workdir, log=lambda _: None)
     assert again["claims"] == summary["claims"]

@@ -26,8 +26,9 @@ from tests.runs import (CONFIGS, T5_EVALUATIONS, check_t5_run, check_vit_run,
                         flags, load_config, run_python, t5_config,
                         vit_config)
 from tests.mock_tfds import mocked_tfds
-from topk_sparse import (allocation, distribute, evaluation, optimizers,
-                         training)
+from topk_sparse import (allocation, checks, distribute, evaluation,
+                         optimizers, training, warm_start)
+from topk_sparse import workdir as workdir_lib
 from topk_sparse.data import corruptions
 from topk_sparse.models import T5, ViT
 
@@ -252,7 +253,7 @@ def test_auto_k_allocates_on_a_dense_run_then_fine_tunes(tmp_path,
     warm = config(dense_warmup_epochs=dense.epochs)
     warm.model.k = "auto:24"
     warmed = training.train(warm, warm_dir)
-    warmup_dir = os.path.join(warm_dir, training.WARMUP)
+    warmup_dir = os.path.join(warm_dir, warm_start.WARMUP)
     assert warmed["init_from"] == warmup_dir
     with open(os.path.join(warmup_dir, "report.json")) as f:
         warmup = json.load(f)
@@ -294,7 +295,7 @@ def test_auto_k_allocates_on_a_dense_run_then_fine_tunes(tmp_path,
     other = config(init_from=dense_dir)
     other.model.k = "auto:24"
     other.eval.allocate.examples = 64
-    with pytest.raises(training.ConfigError,
+    with pytest.raises(checks.ConfigError,
                        match="allocation.json holds k allocated with "
                              "config.eval.allocate .*use another --workdir"):
         training.train(other, auto_dir)
@@ -321,7 +322,7 @@ def test_auto_k_allocates_on_a_dense_run_then_fine_tunes(tmp_path,
 def test_init_from_and_auto_k_errors_are_one_line(tmp_path, changes, match):
     config = load_config("vit_digits", "runlocal")
     config.update_from_flattened_dict(changes)
-    with pytest.raises(training.ConfigError, match=match):
+    with pytest.raises(checks.ConfigError, match=match):
         training.train(config, str(tmp_path))
     assert not os.path.exists(os.path.join(tmp_path, "backup"))
 
@@ -329,17 +330,37 @@ def test_init_from_and_auto_k_errors_are_one_line(tmp_path, changes, match):
 def test_a_workdir_from_before_an_added_key_still_resumes(tmp_path):
     config = load_config("vit_digits", "runlocal")
     older = json.loads(json.dumps(config.to_dict(), default=str))
-    for key in training.ADDED_KEYS:
-        del older[key]
+    for key, added in workdir_lib.ADDED_KEYS.items():
+        *sections, name = key.split(".")
+        section = older
+        for part in sections:
+            section = section[part]
+        if section.get(name) == added:  # patch_size 4 is this config's own
+            del section[name]
     with open(tmp_path / "config.json", "w") as f:
         json.dump(older, f)
-    assert training.config_fingerprint(older) == \
-        training.config_fingerprint(config)
-    training._check_workdir(str(tmp_path), config)  # no error
+    assert workdir_lib.config_fingerprint(older) == \
+        workdir_lib.config_fingerprint(config)
+    workdir_lib.check(str(tmp_path), config)  # no error
     config.dense_warmup_epochs = 2
-    with pytest.raises(training.ConfigError,
+    with pytest.raises(checks.ConfigError,
                        match=r"dense_warmup_epochs: '\(not set\)' -> 2"):
-        training._check_workdir(str(tmp_path), config)
+        workdir_lib.check(str(tmp_path), config)
+
+
+@pytest.mark.parametrize("inside", [False, True])
+def test_a_workdir_that_is_a_file_is_refused_before_training(tmp_path,
+                                                             inside):
+    # TensorFlow's makedirs raised FailedPreconditionError, with a traceback.
+    path = tmp_path / "notes.txt"
+    path.write_text("not a workdir")
+    workdir = str(path / "run" if inside else path)
+    with pytest.raises(checks.ConfigError) as raised:
+        training.train(load_config("vit_digits", "runlocal"), workdir)
+    assert str(raised.value) == (
+        f"--workdir={workdir}: {path} is a file, not a folder. Use another "
+        f"--workdir (a new folder, or a run's workdir to resume).")
+    assert path.read_text() == "not a workdir"
 
 
 def test_init_from_another_architecture_is_refused(tmp_path):
@@ -347,7 +368,7 @@ def test_init_from_another_architecture_is_refused(tmp_path):
     ViT("micro", image_size=16, num_classes=10, mlp_dim=64).save(source)
     config = load_config("vit_digits", "runlocal")
     config.init_from = source
-    with pytest.raises(training.ConfigError,
+    with pytest.raises(checks.ConfigError,
                        match=r"holds a model of another architecture .* give "
                              r"config.model its dimensions"):
         training.train(config, str(tmp_path / "run"))

@@ -24,8 +24,8 @@ so one `k` for all is too many for some MLPs and too few for others. Here:
 The models are ours (`ViT`, `T5`: their `SparseMLP`s) or keras-hub
 backbones made Top-k by `integrations.keras_hub.sparsify` (their
 `TopKActivation`s: there an MLP's output is its activation's); see
-`mlp_layers`. The `k` mappings are by MLP name, what the models and
-`sparsify` take (`ViT(k={...})`, `sparsify(backbone, k={...})`) and save.
+`sparsity.sparse_mlps`. The `k` mappings are by MLP name, what the models
+and `sparsify` take (`ViT(k={...})`, `sparsify(backbone, k={...})`) and save.
 
 Example:
 >>> model = topk_sparse.models.ViT("micro", image_size=16, num_classes=10)
@@ -43,14 +43,15 @@ import dataclasses
 import math
 
 import keras
+from keras import ops
 import numpy as np
 
-from topk_sparse import backend, checks, ops, scoring
+from topk_sparse import backend, checks, scoring
+from topk_sparse import ops as topk_ops
 from topk_sparse.layers import SparseMLP
 from topk_sparse.models.common import k_per_mlp
-from topk_sparse.sparsity import metrics_restored
+from topk_sparse.sparsity import metrics_restored, sparse_mlps
 
-kops = keras.ops
 
 QUANTILES = (0.1, 0.5, 0.9, 0.99)
 """The quantiles of active units per token a `Profile` summarizes."""
@@ -59,12 +60,10 @@ CHUNK = 1024
 """Tokens per call of a `Profile`'s compiled curve."""
 
 
-def mlp_layers(model):
-    """`model.sparse_mlps()`, the MLPs whose `k` is chosen here by name, in
-    layer order: our models' `SparseMLP`s, or the `TopKActivation`s of a
-    keras-hub backbone from `integrations.keras_hub.sparsify` (by MLP
-    path)."""
-    found = model.sparse_mlps() if hasattr(model, "sparse_mlps") else None
+def _mlps(model):
+    """`sparsity.sparse_mlps(model)`, the MLPs whose `k` is chosen here, by
+    name in layer order; raises where there are none."""
+    found = sparse_mlps(model)
     if not found:
         raise ValueError(
             f"Model {model.name!r} has no MLP to choose k for: build it from "
@@ -85,11 +84,11 @@ def k_applied(model, k):
     model's own `k`: build the model with `k` to keep it.
 
     Args:
-      model: a model of `mlp_layers`.
+      model: a model with Top-k MLPs (`sparsity.sparse_mlps`).
       k: what the models take: None or an int for all, a list in layer
         order, or a mapping `{MLP name: k}` (None: dense).
     """
-    mlps = mlp_layers(model)
+    mlps = _mlps(model)
     ks = _validated(mlps, k)
     saved = {name: (mlp.k, mlp.scorer) for name, mlp in mlps.items()}
     for mlp, value in zip(mlps.values(), ks.values()):
@@ -105,10 +104,7 @@ def k_applied(model, k):
 
 def _validated(mlps, k):
     """`{MLP name: k or None}` from what the models take as `k`."""
-    return {name: None if value is None else ops.validate_k(value,
-                                                           mlp.mlp_dim)
-            for (name, mlp), value in zip(mlps.items(),
-                                          k_per_mlp(k, list(mlps)))}
+    return k_per_mlp(k, {name: mlp.mlp_dim for name, mlp in mlps.items()})
 
 
 def _drop_compiled(model):
@@ -144,16 +140,16 @@ class Profile:
         be below 0). The output bias is left out (the same in both); a
         token with at most `k` active units counts as 1 in both.
         """
-        k = ops.validate_k(k, self.mlp_dim)
+        k = topk_ops.validate_k(k, self.mlp_dim)
         if k not in self._curve:
             if self._token_curve is None:
                 self._token_curve = _token_curve(self._mlp)
-            k_tensor = kops.convert_to_tensor(k, "int32")
-            per_token = [self._token_curve(kops.convert_to_tensor(
+            k_tensor = ops.convert_to_tensor(k, "int32")
+            per_token = [self._token_curve(ops.convert_to_tensor(
                 self._inputs[start:start + CHUNK]), k_tensor)
                          for start in range(0, self.tokens, CHUNK)]
             self._curve[k] = tuple(
-                float(np.mean(np.concatenate([kops.convert_to_numpy(
+                float(np.mean(np.concatenate([ops.convert_to_numpy(
                     part[i]) for part in per_token]))) for i in range(2))
         return self._curve[k]
 
@@ -204,10 +200,10 @@ class Profile:
 def _hidden(mlp, inputs):
     """What the MLP's Top-k selects from (after ReLU), float32:
     `relu(x W1 + b1)` of a `SparseMLP`, `relu(x)` of a `TopKActivation`."""
-    inputs = kops.cast(inputs, "float32")
+    inputs = ops.cast(inputs, "float32")
     if isinstance(mlp, SparseMLP):
         inputs = mlp.pre_activations(inputs)
-    return kops.relu(inputs)
+    return ops.relu(inputs)
 
 
 def _kth_largest(activations, k):
@@ -215,18 +211,18 @@ def _kth_largest(activations, k):
     non-negative), `[tokens, 1]`, for a traced `k`: a bisection over the
     float32 bit patterns, which order non-negative floats as their values
     do (31 halvings of [0, inf]; a sort was 15 times slower on XLA's CPU)."""
-    bits = kops.view(activations, "int32")
-    lowest = kops.zeros_like(bits[:, :1])
+    bits = ops.view(activations, "int32")
+    lowest = ops.zeros_like(bits[:, :1])
 
     def halve(_, bounds):
         low, high = bounds  # at least k of a token's bits >= its low
         middle = low + (high - low + 1) // 2
-        enough = kops.sum(kops.cast(bits >= middle, "int32"), -1,
+        enough = ops.sum(ops.cast(bits >= middle, "int32"), -1,
                           keepdims=True) >= k
-        return (kops.where(enough, middle, low),
-                kops.where(enough, high, middle - 1))
-    low, _ = kops.fori_loop(0, 31, halve, (lowest, lowest + 0x7F800000))
-    return kops.view(low, "float32")
+        return (ops.where(enough, middle, low),
+                ops.where(enough, high, middle - 1))
+    low, _ = ops.fori_loop(0, 31, halve, (lowest, lowest + 0x7F800000))
+    return ops.view(low, "float32")
 
 
 def _kept(activations, k):
@@ -236,11 +232,11 @@ def _kept(activations, k):
     `k` (no gather of `k` rows), so one compilation serves every `k`."""
     kth = _kth_largest(activations, k)
     above = activations > kth
-    tied = kops.cast(activations == kth, "int32")
-    room = k - kops.sum(kops.cast(above, "int32"), -1, keepdims=True)
-    keep = kops.logical_or(above, kops.logical_and(
-        tied > 0, kops.cumsum(tied, axis=-1) <= room))
-    return kops.where(keep, activations, 0.0)
+    tied = ops.cast(activations == kth, "int32")
+    room = k - ops.sum(ops.cast(above, "int32"), -1, keepdims=True)
+    keep = ops.logical_or(above, ops.logical_and(
+        tied > 0, ops.cumsum(tied, axis=-1) <= room))
+    return ops.where(keep, activations, 0.0)
 
 
 def _outputs(mlp, inputs, k):
@@ -250,10 +246,11 @@ def _outputs(mlp, inputs, k):
     activations = _hidden(mlp, inputs)
     kept = _kept(activations, k)
     if isinstance(mlp, SparseMLP):
-        kernel = kops.cast(mlp.output_kernel, "float32")
-        return ops.project(activations, kernel), ops.project(kept, kernel)
+        kernel = ops.cast(mlp.output_kernel, "float32")
+        return (topk_ops.project(activations, kernel),
+                topk_ops.project(kept, kernel))
     activation = mlp._activation or (lambda x: x)
-    inputs = kops.cast(inputs, "float32")
+    inputs = ops.cast(inputs, "float32")
     if mlp.activation != "relu":
         kept = activation(kept)
     return activation(inputs), kept
@@ -271,16 +268,16 @@ def _token_curve(mlp):
 
     def curve(part, k):
         dense, kept = _outputs(mlp, part, k)
-        energy = kops.sum(dense * dense, -1)
+        energy = ops.sum(dense * dense, -1)
         exact = energy == 0
         if exact_below_k:
-            active = kops.sum(kops.cast(_hidden(mlp, part) > 0, "int32"), -1)
-            exact = kops.logical_or(exact, active <= k)
-        cosine = kops.sum(kept * dense, -1) / kops.maximum(
-            kops.norm(kept, axis=-1) * kops.norm(dense, axis=-1), 1e-30)
-        share = 1 - kops.sum((kept - dense) ** 2, -1) / kops.maximum(
+            active = ops.sum(ops.cast(_hidden(mlp, part) > 0, "int32"), -1)
+            exact = ops.logical_or(exact, active <= k)
+        cosine = ops.sum(kept * dense, -1) / ops.maximum(
+            ops.norm(kept, axis=-1) * ops.norm(dense, axis=-1), 1e-30)
+        share = 1 - ops.sum((kept - dense) ** 2, -1) / ops.maximum(
             energy, 1e-30)
-        return kops.where(exact, 1.0, cosine), kops.where(exact, 1.0, share)
+        return ops.where(exact, 1.0, cosine), ops.where(exact, 1.0, share)
     return backend.compiled(curve, mlp)
 
 
@@ -292,16 +289,17 @@ def measure(model, batches):
     metrics are as they were after.
 
     Args:
-      model: a model of `mlp_layers`: `topk_sparse.models.ViT`, `T5`, or a
-        keras-hub backbone from `integrations.keras_hub.sparsify` (its
-        `k=None` copy measures the backbone as it is).
+      model: a model with Top-k MLPs (`sparsity.sparse_mlps`):
+        `topk_sparse.models.ViT`, `T5`, or a keras-hub backbone from
+        `integrations.keras_hub.sparsify` (its `k=None` copy measures the
+        backbone as it is).
       batches: iterable of model inputs (a few batches, thousands of
         tokens).
 
     Returns:
       `{MLP name: Profile}`, in layer order.
     """
-    mlps = mlp_layers(model)
+    mlps = _mlps(model)
     with k_applied(model, None), metrics_restored(model), \
             scoring.recording_inputs(mlps) as records:
         for batch in batches:
@@ -312,7 +310,7 @@ def measure(model, batches):
     profiles = {}
     for name, mlp in mlps.items():
         inputs = np.concatenate(records[name])
-        active = np.concatenate([kops.convert_to_numpy(kops.sum(kops.cast(
+        active = np.concatenate([ops.convert_to_numpy(ops.sum(ops.cast(
             _hidden(mlp, part) > 0, "int32"), -1)) for part in records[name]])
         profiles[name] = Profile(mlp.mlp_dim, len(inputs), active, mlp,
                                  inputs)
@@ -325,8 +323,8 @@ def relative_error(outputs, reference):
     error = energy = 0.0
     for got, want in zip(keras.tree.flatten(outputs),
                          keras.tree.flatten(reference)):
-        got = np.asarray(kops.convert_to_numpy(got), np.float64)
-        want = np.asarray(kops.convert_to_numpy(want), np.float64)
+        got = np.asarray(ops.convert_to_numpy(got), np.float64)
+        want = np.asarray(ops.convert_to_numpy(want), np.float64)
         error += float(np.sum((got - want) ** 2))
         energy += float(np.sum(want ** 2))
     return error / max(energy, 1e-300)
@@ -392,10 +390,10 @@ def _read_bytes(mlps):
                 f"MLP {name!r} is a {type(mlp).__name__}, which multiplies "
                 f"its whole second kernel (no gathered path to count the "
                 f"bytes of): give a mean_k budget instead.")
-        fixed += sum(kops.convert_to_numpy(weight).nbytes for weight in (
+        fixed += sum(ops.convert_to_numpy(weight).nbytes for weight in (
             mlp.intermediate_kernel, mlp.intermediate_bias, mlp.output_bias)
             if weight is not None)
-        row[name] = kops.convert_to_numpy(
+        row[name] = ops.convert_to_numpy(
             mlp.output_kernel).nbytes // mlp.mlp_dim
     return fixed, row
 
@@ -407,16 +405,16 @@ def decode_bytes(model, k):
     them where its `k` is None), at the weights' stored dtype.
 
     Args:
-      model: a model of `mlp_layers` whose MLPs are `SparseMLP`s (ours; a
-        keras-hub backbone's `TopKActivation`s raise: their backbones
-        multiply the whole second kernel).
+      model: a model with Top-k MLPs (`sparsity.sparse_mlps`) that are
+        `SparseMLP`s (ours; a keras-hub backbone's `TopKActivation`s
+        raise: their backbones multiply the whole second kernel).
       k: what the models take: None or an int for all, a list in layer
         order, or a mapping `{MLP name: k}` (None: dense).
 
     Example: `decode_bytes(model, allocate(model, batches, 64).k)` against
     `decode_bytes(model, 64)`.
     """
-    mlps = mlp_layers(model)
+    mlps = _mlps(model)
     fixed, row = _read_bytes(mlps)
     return fixed + sum(row[name] * (mlps[name].mlp_dim if value is None
                                     else value)
@@ -450,7 +448,7 @@ def _budget(mlps, mean_k, max_bytes):
 def uniform(model, mean_k):
     """The same `k` for every MLP, `floor(mean_k)`: the baseline that
     `allocate` must beat at the same budget."""
-    mlps = mlp_layers(model)
+    mlps = _mlps(model)
     k = int(_validate_budget(mean_k, mlps))
     return {name: k for name in mlps}
 
@@ -479,7 +477,7 @@ def allocate(model, batches, mean_k=None, step=None, by="model",
     on data held out from `batches`.
 
     Args:
-      model: a model of `mlp_layers`.
+      model: a model with Top-k MLPs (`sparsity.sparse_mlps`).
       batches: list of model inputs.
       mean_k: number, the budget: the mean `k` over MLPs, in `[1, the
         narrowest MLP's width]`.
@@ -500,7 +498,7 @@ def allocate(model, batches, mean_k=None, step=None, by="model",
     Returns:
       An `Allocation`.
     """
-    mlps = mlp_layers(model)
+    mlps = _mlps(model)
     cost, budget = _budget(mlps, mean_k, max_bytes)
     if by not in BY:
         raise ValueError(f"Unknown by={by!r}: choose one of {BY}.")

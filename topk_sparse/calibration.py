@@ -101,6 +101,12 @@ class _CalibrationMetric(keras.metrics.Metric):
         return {**super().get_config(), "from_logits": self.from_logits}
 
 
+NUM_BINS = 15
+"""The ECE's bin count everywhere here (metric, callback, robustness,
+reports): 15, the common default (Guo et al.); the Lazy Neuron paper does
+not publish the count behind its Table 1."""
+
+
 @keras.saving.register_keras_serializable(package="topk_sparse")
 class ExpectedCalibrationError(_CalibrationMetric):
     """Expected calibration error of the top-1 confidence, equal-width bins.
@@ -111,9 +117,8 @@ class ExpectedCalibrationError(_CalibrationMetric):
     confidence. Sample weights weight both the counts and the means.
 
     Args:
-        num_bins: int. Number of equal-width confidence bins. Defaults to 15,
-            the common default (the Lazy Neuron paper does not publish the
-            count it used).
+        num_bins: int. Number of equal-width confidence bins. Defaults to
+            `NUM_BINS` (15).
         from_logits: bool. Whether `y_pred` holds logits rather than
             probabilities. Defaults to `False`.
         name: str. Name of the metric. Defaults to
@@ -135,7 +140,7 @@ class ExpectedCalibrationError(_CalibrationMetric):
 
     def __init__(
         self,
-        num_bins=15,
+        num_bins=NUM_BINS,
         from_logits=False,
         name="expected_calibration_error",
         **kwargs,

@@ -49,10 +49,10 @@ from tensorboard.plugins.histogram import metadata as histogram_metadata
 import tensorflow as tf
 
 from topk_sparse import backend, checks, sparsity
-from topk_sparse.calibration import (BrierScore, ExpectedCalibrationError,
+from topk_sparse.calibration import (NUM_BINS, BrierScore,
+                                     ExpectedCalibrationError,
                                      NegativeLogLikelihood,
                                      reliability_diagram_image)
-from topk_sparse.sparsity import NonzeroFraction
 
 _HISTOGRAM_METADATA = histogram_metadata.create_summary_metadata(
     display_name=None, description=None)
@@ -111,31 +111,18 @@ class _SummaryCallback(keras.callbacks.Callback):
         self._writer.flush()
 
 
-_NONZERO_SUFFIX = "/nonzero_fraction"
-
-
-def sparse_layers(model):
-    """Returns `{layer name: NonzeroFraction}` for every tracked layer.
-
-    A layer is tracked when it owns a `NonzeroFraction` metric (a built
-    `SparseMLP` or `TopKActivation` with `track_sparsity=True`), named
-    `<layer name>/nonzero_fraction`: the layer name is the path of its tags
-    and report entries, as it is of its key in `fit` logs.
+def nonzero_fractions(model):
+    """`{MLP name: NonzeroFraction}` of the model's MLPs that measure their
+    sparsity (`sparsity.sparse_mlps`, built, `track_sparsity=True`): the
+    name is the path of their tags and report entries, as it is of their
+    key in `fit` logs.
 
     Raises:
-      ValueError: if no layer is tracked, or two share a name.
+      ValueError: if no MLP measures its sparsity, or two share a name.
     """
-    found = {}
-    for metric in model.metrics:
-        if not isinstance(metric, NonzeroFraction) or any(
-                metric is other for other in found.values()):
-            continue
-        path = metric.name.removesuffix(_NONZERO_SUFFIX)
-        if path in found:
-            raise ValueError(
-                f"Two layers of model {model.name!r} are both named "
-                f"{path!r}: give them distinct names.")
-        found[path] = metric
+    found = {name: mlp.nonzero_fraction
+             for name, mlp in sparsity.sparse_mlps(model).items()
+             if mlp.nonzero_fraction is not None}
     if not found:
         raise ValueError(
             f"Model {model.name!r} has no layer that owns a NonzeroFraction "
@@ -166,7 +153,8 @@ class TensorBoard(keras.callbacks.TensorBoard):
 def _without_nonzero(logs):
     if not isinstance(logs, dict):
         return logs
-    return {k: v for k, v in logs.items() if not k.endswith(_NONZERO_SUFFIX)}
+    return {k: v for k, v in logs.items()
+            if not k.endswith(sparsity.NONZERO_SUFFIX)}
 
 
 class SparsityCallback(_SummaryCallback):
@@ -263,7 +251,7 @@ class SparsityCallback(_SummaryCallback):
 
     def _find_layers(self):
         if self._metrics is None:
-            self._metrics = sparse_layers(self.model)
+            self._metrics = nonzero_fractions(self.model)
 
     def _read(self):
         """Numpy copies of each layer's counts, summed over replicas."""
@@ -350,7 +338,8 @@ class CalibrationCallback(_SummaryCallback):
       validation_data: a `tf.data.Dataset` of `(x, y)` or
         `(x, y, sample_weight)` batches, or such a tuple of arrays. Labels
         are sparse class ids or one-hot.
-      num_bins: int. Equal-width confidence bins of the ECE. Defaults to 15.
+      num_bins: int. Equal-width confidence bins of the ECE. Defaults to
+        `calibration.NUM_BINS` (15).
       from_logits: bool. Whether the model outputs logits. Defaults to True.
       freq: int. Run every `freq` epochs. Defaults to 1.
       batch_size: int. Batch size when `validation_data` is arrays.
@@ -366,7 +355,8 @@ class CalibrationCallback(_SummaryCallback):
       - Li et al., The Lazy Neuron Phenomenon, https://arxiv.org/abs/2210.06313
     """
 
-    def __init__(self, log_dir, validation_data, num_bins=15, from_logits=True,
+    def __init__(self, log_dir, validation_data, num_bins=NUM_BINS,
+                 from_logits=True,
                  freq=1, batch_size=32):
         super().__init__(log_dir)
         self.num_bins = checks.positive_int(num_bins, "num_bins")

@@ -1,9 +1,4 @@
-"""The trainer's models, the evaluations a run can add, and their metrics.
-
-`"vit"` and `"t5"` are registered here with the trainer
-(`topk_sparse.registry`): how each is built from its data, its `compile`
-metrics and the evaluators that apply to it. The models themselves
-(`topk_sparse.models`) depend on the layers only.
+"""The evaluations a trained run can add to its report.
 
 Each evaluator is registered by name (`topk_sparse.registry`); a model lists
 the ones that apply to it, and `training.train` runs those the config asks
@@ -30,37 +25,13 @@ An evaluator's `run` argument is a `training.Run`.
 
 import os
 
-import keras
 import numpy as np
 import tensorflow as tf
 
-from topk_sparse import (allocation, backend, calibration, callbacks, checks,
-                         data, registry, robustness, scoring, sparsity)
+from topk_sparse import (allocation, backend, callbacks, checks, data,
+                         registry, robustness, scoring, sparsity)
+from topk_sparse import ops as topk_ops
 from topk_sparse.data import corruptions as corruptions_lib
-from topk_sparse.layers import GATHER_MAX_SHARE
-from topk_sparse.models import T5, ViT
-
-# Bins of the expected calibration error, as in the paper's Table 1 (15, the
-# common default: the paper does not publish its count).
-NUM_BINS = 15
-
-
-def classifier_metrics():
-    """`compile` metrics of a classifier. The loss is the negative
-    log-likelihood: no metric repeats it."""
-    return {"metrics": [
-        keras.metrics.SparseCategoricalAccuracy(name="accuracy"),
-        calibration.ExpectedCalibrationError(num_bins=NUM_BINS,
-                                             from_logits=True),
-        calibration.BrierScore(from_logits=True)]}
-
-
-def token_metrics():
-    """`compile` metrics of a sequence model whose batches carry per-token
-    weights (0 on padding), which only `weighted_metrics` apply."""
-    return {"weighted_metrics": [keras.metrics.SparseCategoricalAccuracy(
-        name="token_accuracy")]}
-
 
 def exact_match(model, dataset, num_examples):
     """Share of examples whose greedy decoding equals the target sequence.
@@ -117,7 +88,7 @@ registry.register_evaluator(
     "calibration",  # no key: runs for every classifier that validates
     requested=lambda config: bool(config.eval.every_epochs),
     callbacks=lambda run: [callbacks.CalibrationCallback(
-        _log_dir(run, "calibration"), run.eval_data, num_bins=NUM_BINS,
+        _log_dir(run, "calibration"), run.eval_data,
         freq=run.config.eval.every_epochs)])
 
 registry.register_evaluator(
@@ -128,7 +99,7 @@ registry.register_evaluator(
     evaluate=lambda run: _write_corruptions(
         run, "robustness", robustness.evaluate_corruptions(
             run.model, run.eval_data, tuple(run.config.eval.corruptions),
-            run.config.eval.severities, num_bins=NUM_BINS,
+            run.config.eval.severities,
             seed=run.config.seed)),
     describe=_corruption_lines("robustness"))
 
@@ -140,7 +111,7 @@ registry.register_evaluator(
             run.model, run.config.eval.batch_size,
             data_dir=run.config.data.get("data_dir"),
             corruptions=corruptions_lib.BENCHMARK_CORRUPTIONS,
-            severities=run.config.eval.severities, num_bins=NUM_BINS,
+            severities=run.config.eval.severities,
             image_size=run.config.data.get("image_size"))),
     describe=_corruption_lines("cifar10_corrupted"))
 
@@ -207,8 +178,8 @@ registry.register_evaluator(
         f"test tokens: recall of the exact top-k {r['recall']:.4f}, output "
         f"cosine {r['cosine']:.4f}; runs "
         + (f"on calls of at most {r['max_tokens']} tokens" if r["max_tokens"]
-           else f"on no call: candidates exceed {GATHER_MAX_SHARE} of "
-                f"mlp_dim, lower them")
+           else f"on no call: candidates exceed "
+                f"{topk_ops.GATHER_MAX_SHARE} of mlp_dim, lower them")
         for r in [report.get("two_stage")] if r])
 
 
@@ -291,20 +262,3 @@ registry.register_evaluator(
     check=_check_allocation, evaluate=_allocate,
     describe=_allocation_lines)
 
-
-def _build_vit(kwargs, data):
-    """A ViT sized by its data: `(images, labels)` batches."""
-    _, height, _, channels = data.element_spec[0].shape
-    return ViT(**kwargs, image_size=height, channels=channels,
-               num_classes=data.features["num_classes"])
-
-
-registry.register_model(
-    "vit", build=_build_vit, metrics=classifier_metrics,
-    evaluators=("calibration", "corruptions", "cifar10_corrupted",
-                "two_stage", "allocation"))
-registry.register_model(
-    "t5", metrics=token_metrics,
-    build=lambda kwargs, data: T5(
-        **kwargs, vocab_size=data.features["vocab_size"]),
-    evaluators=("exact_match", "two_stage", "allocation"))

@@ -10,25 +10,14 @@ Both own an `NonzeroFraction` metric, `layer.nonzero_fraction`, which Keras
 reports in `fit` logs as `<layer name>/nonzero_fraction`.
 """
 
-import fractions
 import math
 
 import keras
+from keras import ops
 
-from topk_sparse import checks, ops
-from topk_sparse.sparsity import NonzeroFraction, TopKRecall
-
-IMPLEMENTATIONS = ("masked", "gather", "auto")
-
-GATHER_MAX_SHARE = fractions.Fraction(1, 6)  # exact: no rounding at the edge
-"""`implementation="auto"` gathers when a call reads at most this share of
-the output kernel's rows: `tokens * k <= GATHER_MAX_SHARE * mlp_dim`
-(hidden 3072, k=64: up to 8 tokens; k=256: 2).
-
-The gather pays while the `tokens * k` rows it reads stay a small part of
-the kernel a dense pass reads once (measured: benchmarks/README.md,
-inference).
-"""
+from topk_sparse import checks
+from topk_sparse import ops as topk_ops
+from topk_sparse.sparsity import MeasuredLayer, NonzeroFraction, TopKRecall
 
 
 def _sparsity_metric(layer, mlp_dim, name=None):
@@ -40,16 +29,23 @@ def _sparsity_metric(layer, mlp_dim, name=None):
 
 def _recall_metric(layer):
     """A `TopKRecall` where the method that runs here is approximate."""
-    if not layer.track_sparsity or layer.k is None or ops.resolve_method(
-            layer.method) not in ("approx", "statistical"):
+    if not layer.track_sparsity or layer.k is None or \
+            not topk_ops.resolve_method(layer.method).approximate:
         return None
     return TopKRecall(layer.k, name=f"{layer.name}/topk_recall",
                       owner=layer)
 
 
+def _tokens(inputs):
+    """The static token count of `inputs` `[..., features]`; None when a
+    leading size is unknown."""
+    lead = tuple(inputs.shape[:-1])
+    return None if None in lead else math.prod(lead)
+
+
 def _check_floating(x, layer):
     dtype = keras.backend.standardize_dtype(x.dtype)
-    if dtype not in ops.FLOAT_DTYPES:
+    if dtype not in topk_ops.FLOAT_DTYPES:
         raise TypeError(
             f"{layer.__class__.__name__} {layer.name!r} needs floating-point "
             f"inputs, got dtype {dtype}: cast them to float32.")
@@ -65,7 +61,7 @@ def _activation_function(name):
 
 
 @keras.saving.register_keras_serializable(package="topk_sparse")
-class TopKActivation(keras.layers.Layer):
+class TopKActivation(MeasuredLayer):
     """ReLU, then keep per token the `k` largest activations.
 
     The Top-k nonlinearity of *The Lazy Neuron Phenomenon*: the rest of the
@@ -86,7 +82,7 @@ class TopKActivation(keras.layers.Layer):
         elsewhere), `"exact"` (`keras.ops.top_k`), `"approx"` (TPU-KNN's
         binned top-k: `approx_max_k` on TPU) or `"statistical"`
         (keep what exceeds the row's `mean + std · Φ⁻¹(1 - k/n)`: about `k`
-        entries, no sort; see `ops.statistical_cutoff`).
+        entries, no sort; see `topk_sparse.ops.statistical_cutoff`).
       recall_target: float in (0, 1]. Expected recall of `"approx"`.
         Defaults to 0.95.
       track_sparsity: bool. Whether the layer keeps an `NonzeroFraction`
@@ -104,7 +100,7 @@ class TopKActivation(keras.layers.Layer):
 
     Example:
     >>> layer = TopKActivation(k=2)
-    >>> keras.ops.convert_to_numpy(
+    >>> ops.convert_to_numpy(
     ...     layer(np.array([[3.0, -1.0, 2.0, 5.0]], "float32")))
     array([[3., 0., 0., 5.]], dtype=float32)
 
@@ -117,9 +113,9 @@ class TopKActivation(keras.layers.Layer):
                  track_sparsity=True, activation="relu", metric_name=None,
                  **kwargs):
         super().__init__(**kwargs)
-        self.k = None if k is None else ops.validate_k(k)
-        self.method = ops.validate_method(method)
-        self.recall_target = ops.validate_recall_target(recall_target)
+        self.k = None if k is None else topk_ops.validate_k(k)
+        self.method = topk_ops.validate_method(method)
+        self.recall_target = topk_ops.validate_recall_target(recall_target)
         self.track_sparsity = bool(track_sparsity)
         self.activation = activation
         self._activation = _activation_function(activation)
@@ -139,7 +135,7 @@ class TopKActivation(keras.layers.Layer):
                 f"got input shape {input_shape}.")
         self.mlp_dim = mlp_dim
         if self.k is not None:
-            ops.validate_k(self.k, mlp_dim)
+            topk_ops.validate_k(self.k, mlp_dim)
         self.nonzero_fraction = _sparsity_metric(self, mlp_dim,
                                                  self.metric_name)
         self.recall = _recall_metric(self)
@@ -153,8 +149,8 @@ class TopKActivation(keras.layers.Layer):
                 f"which only a SparseMLP's can (it has the kernels).")
         outputs = inputs
         if self.k is not None:
-            outputs = ops.topk_mask(inputs, self.k, self.method,
-                                    self.recall_target)
+            outputs = topk_ops.topk_mask(inputs, self.k, self.method,
+                                         self.recall_target)
         # Top-k's output is relu's already.
         if self._activation is not None and (self.k is None or
                                              self.activation != "relu"):
@@ -181,7 +177,7 @@ class TopKActivation(keras.layers.Layer):
 
 
 @keras.saving.register_keras_serializable(package="topk_sparse")
-class SparseMLP(keras.layers.Layer):
+class SparseMLP(MeasuredLayer):
     """Transformer MLP `V · TopK_k(relu(Kᵀx + b₁)) + b₂`, token by token.
 
     Args:
@@ -194,21 +190,21 @@ class SparseMLP(keras.layers.Layer):
         runs both projections densely: the fast path on batches of many
         tokens and for training. `"gather"` multiplies only the `k` kept
         rows of the output kernel: fewer FLOPs, faster at small batches.
-        `"auto"` (default) gathers when the call's static number of tokens
-        times `k` is at most `GATHER_MAX_SHARE` of `mlp_dim` (decoding,
-        small-batch serving) and masks otherwise (unknown token counts
-        included), and always masks with `method="statistical"`. All give
-        the same outputs for the same weights (with `"statistical"`, while
-        at most `k` activations of a token pass the cutoff: the gathered
-        path keeps the `k` largest).
+        `"auto"` (default) gathers when the call's static number of
+        tokens times `k` is at most `topk_sparse.ops.GATHER_MAX_SHARE` of
+        `mlp_dim` (decoding, small-batch serving) and masks otherwise
+        (unknown token counts included), and always masks with
+        `method="statistical"`. All give the same outputs for the same
+        weights (with `"statistical"`, while at most `k` activations of a
+        token pass the cutoff: the gathered path keeps the `k` largest).
       output_dim: int or None. Output width; None means the input width.
       use_bias: bool. Whether both projections add a bias. Defaults to True.
       kernel_initializer: initializer of both kernels.
       bias_initializer: initializer of both biases.
       track_sparsity: bool. Whether the layer keeps an `NonzeroFraction`
-        metric of its hidden activations (`layer.nonzero_fraction`) and, when its method
-        is approximate here, a `TopKRecall` (`layer.recall`). Defaults to
-        True.
+        metric of its hidden activations (`layer.nonzero_fraction`) and,
+        when its method is approximate here, a `TopKRecall`
+        (`layer.recall`). Defaults to True.
       **kwargs: base layer arguments (`name`, `dtype`, ...).
 
     Example:
@@ -228,15 +224,11 @@ class SparseMLP(keras.layers.Layer):
         mlp_dim = checks.positive_int(mlp_dim, "mlp_dim")
         if output_dim is not None:
             output_dim = checks.positive_int(output_dim, "output_dim")
-        if implementation not in IMPLEMENTATIONS:
-            raise ValueError(
-                f"Unknown implementation {implementation!r}: choose one of "
-                f"{IMPLEMENTATIONS}.")
         self.mlp_dim = mlp_dim
-        self.k = None if k is None else ops.validate_k(k, mlp_dim)
-        self.method = ops.validate_method(method)
-        self.recall_target = ops.validate_recall_target(recall_target)
-        self.implementation = implementation
+        self.k = None if k is None else topk_ops.validate_k(k, mlp_dim)
+        self.method = topk_ops.validate_method(method)
+        self.recall_target = topk_ops.validate_recall_target(recall_target)
+        self.implementation = topk_ops.validate_implementation(implementation)
         self.output_dim = output_dim
         self.use_bias = bool(use_bias)
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
@@ -284,51 +276,46 @@ class SparseMLP(keras.layers.Layer):
         if self.gathers(inputs):
             return self._gathered_output(hidden)
         if self.k is None:
-            activations = keras.ops.relu(hidden)
+            activations = ops.relu(hidden)
         else:
-            activations = ops.topk_mask(hidden, self.k, self.method,
-                                        self.recall_target)
+            activations = topk_ops.topk_mask(hidden, self.k, self.method,
+                                             self.recall_target)
         if self.nonzero_fraction is not None:
             self.nonzero_fraction.update_state(activations)
         if self.recall is not None:
             self.recall.update_state(hidden, activations)
-        return ops.project(activations, self.output_kernel, self.output_bias)
+        return topk_ops.project(activations, self.output_kernel,
+                                self.output_bias)
 
     def gathers(self, inputs):
         """Whether a call on `inputs` takes the gathered path (decided at
-        trace time, from static shapes)."""
-        if self.k is None:
-            return False
-        if self.implementation != "auto":
-            return self.implementation == "gather"
-        if self.method == "statistical":  # its paths differ past k
-            return False
-        return self.reads_few_rows(inputs, self.k)
+        trace time, from static shapes: `topk_sparse.ops.gathers`)."""
+        return topk_ops.gathers(self.implementation, self.method, self.k,
+                                _tokens(inputs), self.mlp_dim)
 
     def reads_few_rows(self, inputs, rows_per_token):
         """Whether the call's static token count times `rows_per_token` is at
-        most `GATHER_MAX_SHARE` of `mlp_dim`."""
-        lead = tuple(inputs.shape[:-1])
-        return None not in lead and \
-            math.prod(lead) <= self.max_tokens(rows_per_token)
+        most `topk_sparse.ops.GATHER_MAX_SHARE` of `mlp_dim`."""
+        tokens = _tokens(inputs)
+        return tokens is not None and tokens <= self.max_tokens(
+            rows_per_token)
 
     def max_tokens(self, rows_per_token):
-        """The most tokens a call may have while reading `rows_per_token`
-        rows per token keeps to `GATHER_MAX_SHARE` of `mlp_dim` (0: none)."""
-        return int(GATHER_MAX_SHARE * self.mlp_dim // rows_per_token)
+        """`topk_sparse.ops.max_gathered_tokens` of this MLP."""
+        return topk_ops.max_gathered_tokens(self.mlp_dim, rows_per_token)
 
     def pre_activations(self, inputs):
         """`inputs @ W1 + b1`, the hidden layer before ReLU and Top-k, in
         the inputs' dtype (inside `call`, Keras has already cast the
         weights to it)."""
         bias = self.intermediate_bias
-        return ops.project(
-            inputs, keras.ops.cast(self.intermediate_kernel, inputs.dtype),
-            None if bias is None else keras.ops.cast(bias, inputs.dtype))
+        return topk_ops.project(
+            inputs, ops.cast(self.intermediate_kernel, inputs.dtype),
+            None if bias is None else ops.cast(bias, inputs.dtype))
 
     def _gathered_output(self, hidden):
-        values, indices = ops.topk_activations(hidden, self.k, self.method,
-                                               self.recall_target)
+        values, indices = topk_ops.topk_activations(
+            hidden, self.k, self.method, self.recall_target)
         if self.recall is not None:
             self.recall.update_from_topk(hidden, values, indices)
         return self._sparse_output(values, indices)
@@ -336,7 +323,8 @@ class SparseMLP(keras.layers.Layer):
     def _sparse_output(self, values, indices):
         if self.nonzero_fraction is not None:
             self.nonzero_fraction.update_from_topk(values, indices)
-        outputs = ops.sparse_mlp_product(values, indices, self.output_kernel)
+        outputs = topk_ops.sparse_mlp_product(values, indices,
+                                              self.output_kernel)
         if self.output_bias is not None:
             outputs = outputs + self.output_bias
         return outputs

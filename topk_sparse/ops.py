@@ -10,6 +10,9 @@ are on a TPU, whether XLA compiles the code being traced) is
 The Top-k MLP of *The Lazy Neuron Phenomenon* (arXiv 2210.06313) computes
 `V · TopK_k(relu(Kᵀx))` per token. This module provides:
 
+- `METHODS`: the Top-k methods, each a record of how it selects and what
+  the layers need to know of it; `gathers`: when an MLP call takes the
+  gathered path;
 - `topk_indices`: per row (last axis), the positions and values of the `k`
   largest activations, by one of the `METHODS`;
 - `topk_mask`: ReLU, then keep per row those `k` activations, zero the rest;
@@ -50,6 +53,8 @@ step, benchmarks/README.md); with the indices consumed it stays XLA's
 `TopK` kernel.
 """
 
+import dataclasses
+import fractions
 import math
 import statistics
 
@@ -59,12 +64,76 @@ import numpy as np
 
 from topk_sparse import backend, checks
 
-METHODS = ("auto", "exact", "approx", "statistical")
-"""Top-k methods. `"exact"`: `keras.ops.top_k`. `"approx"`: TPU-KNN's binned
-approximation (`approx_max_k` on TPU, the same algorithm in portable ops
-elsewhere). `"statistical"`: the Gaussian cutoff of Spark Transformer
-(arXiv 2506.06644), keeping about `k` per row. `"auto"`: `"approx"` on TPU,
-`"exact"` elsewhere."""
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """A Top-k method: how it selects, and what the layers need to know.
+
+    Attributes:
+      name: str. The `method=` argument.
+      select: `(x, k, recall_target) -> (values, indices)`, `[..., k]`:
+        the `k` entries kept per row of `x` (checked, without gradient),
+        values sorted descending; None for a method that keeps what
+        exceeds a cutoff instead (`"statistical"`).
+      approximate: bool. Whether it may miss some of the exact top-k: a
+        layer then measures its recall (`sparsity.TopKRecall`).
+    """
+    name: str
+    select: object
+    approximate: bool
+
+    @property
+    def selects_indices(self):
+        """Whether it keeps exactly `k` entries chosen by index, so that
+        the masked and the gathered path keep the same ones (`"auto"`
+        gathers only then)."""
+        return self.select is not None
+
+
+def _exact_top_k(x, k, recall_target):
+    del recall_target  # exact
+    return ops.top_k(x, k, sorted=True)
+
+
+def _approx_top_k(x, k, recall_target):
+    """`approx_max_k` on TPU, TPU-KNN's algorithm in portable ops
+    elsewhere (where `approx_max_k` itself is exact)."""
+    if not on_tpu():
+        return _binned_top_k(x, k, recall_target)
+    if keras.backend.standardize_dtype(x.dtype) == "float64":
+        raise TypeError(
+            "approx_max_k supports float16, bfloat16 and float32 only: "
+            "cast the float64 input to float32.")
+    return backend.approx_max_k(x, k, recall_target)
+
+
+METHODS = {method.name: method for method in (
+    Method("exact", _exact_top_k, approximate=False),
+    Method("approx", _approx_top_k, approximate=True),
+    Method("statistical", None, approximate=True),
+)}
+"""Top-k methods by name. `"exact"`: `keras.ops.top_k`. `"approx"`:
+TPU-KNN's binned approximation (`approx_max_k` on TPU, the same algorithm
+in portable ops elsewhere). `"statistical"`: the Gaussian cutoff of Spark
+Transformer (arXiv 2506.06644), keeping about `k` per row. A new method is
+one entry here (and its tests in tests/test_ops.py). `"auto"`, which every
+`method=` argument also takes, is `resolve_method`'s choice per device."""
+
+METHOD_NAMES = ("auto", *METHODS)
+
+IMPLEMENTATIONS = ("masked", "gather", "auto")
+"""How a Top-k MLP computes its second projection: `"masked"` zeroes the
+dropped activations and multiplies the whole kernel, `"gather"` reads only
+the kept rows, `"auto"` decides per call (`gathers`)."""
+
+GATHER_MAX_SHARE = fractions.Fraction(1, 6)  # exact: no rounding at the edge
+"""`implementation="auto"` gathers when a call reads at most this share of
+the output kernel's rows: `tokens * k <= GATHER_MAX_SHARE * mlp_dim`
+(hidden 3072, k=64: up to 8 tokens; k=256: 2).
+
+The gather pays while the `tokens * k` rows it reads stay a small part of
+the kernel a dense pass reads once (measured: benchmarks/README.md,
+inference).
+"""
 
 FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 
@@ -89,9 +158,45 @@ def validate_k(k, size=None):
 
 
 def validate_method(method):
-    if method not in METHODS:
-        raise ValueError(f"Unknown method {method!r}: choose one of {METHODS}.")
+    if method not in METHOD_NAMES:
+        raise ValueError(
+            f"Unknown method {method!r}: choose one of {METHOD_NAMES}.")
     return method
+
+
+def validate_implementation(implementation):
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(
+            f"Unknown implementation {implementation!r}: choose one of "
+            f"{IMPLEMENTATIONS}.")
+    return implementation
+
+
+def max_gathered_tokens(mlp_dim, rows_per_token):
+    """The most tokens a call may have while reading `rows_per_token` rows
+    per token keeps to `GATHER_MAX_SHARE` of `mlp_dim` (0: none)."""
+    return int(GATHER_MAX_SHARE * mlp_dim // rows_per_token)
+
+
+def gathers(implementation, method, k, tokens, mlp_dim):
+    """Whether a Top-k MLP call takes the gathered path: the rule of every
+    MLP here (`SparseMLP`, Model Garden's `TopKFeedforward`).
+
+    Args:
+      implementation: one of `IMPLEMENTATIONS`.
+      method: one of `METHOD_NAMES`.
+      k: int or None (dense: never gathers).
+      tokens: int or None. The call's static token count (None: unknown,
+        `"auto"` masks).
+      mlp_dim: int. The hidden width.
+    """
+    if k is None:
+        return False
+    if implementation != "auto":
+        return implementation == "gather"
+    if not resolve_method(method).selects_indices:  # paths differ past k
+        return False
+    return tokens is not None and tokens <= max_gathered_tokens(mlp_dim, k)
 
 
 def validate_recall_target(recall_target):
@@ -108,14 +213,14 @@ def on_tpu():
 
 
 def resolve_method(method):
-    """The concrete method that `method` runs here (`"auto"` resolved)."""
+    """The `Method` that `method` (a name) runs here, `"auto"` resolved."""
     validate_method(method)
     if method == "auto":
         # Off TPU, approx_max_k itself is exact (on both backends) and the
         # portable binned approximation is not faster than top_k at
         # Transformer sizes (benchmarks/topk_mlp.py): exact is the fast one.
-        return "approx" if on_tpu() else "exact"
-    return method
+        method = "approx" if on_tpu() else "exact"
+    return METHODS[method]
 
 
 def approx_bin_count(n, k, recall_target=0.95, rank=2):
@@ -225,7 +330,7 @@ def _check_operand(x, k):
             f"Top-k needs floating-point activations, got dtype {dtype}: "
             f"cast the input to float32 or bfloat16."
         )
-    if x.ndim is None or x.ndim < 1:  # TensorFlow: None for unknown rank
+    if _rank(x) is None or _rank(x) < 1:
         raise ValueError(
             f"Top-k needs an input of rank >= 1 with a known last dimension, "
             f"got shape {x.shape}."
@@ -237,6 +342,15 @@ def _check_operand(x, k):
             f"when the graph is built; got shape {x.shape}."
         )
     return x, validate_k(k, size)
+
+
+def _rank(x):
+    """The rank of `x` (variables have no `ndim`); None where TensorFlow
+    does not know it."""
+    try:
+        return len(x.shape)
+    except ValueError:  # TensorFlow's unknown rank has no length
+        return None
 
 
 def topk_indices(x, k, method="auto", recall_target=0.95):
@@ -267,13 +381,13 @@ def topk_indices(x, k, method="auto", recall_target=0.95):
 
 
 def _index_method(method, recall_target):
-    """The method that selects indices here; raises for bad arguments."""
+    """The `Method` that selects indices here; raises for bad arguments."""
     validate_recall_target(recall_target)
     method = resolve_method(method)
-    if method == "statistical":
+    if not method.selects_indices:
         raise ValueError(
-            'method="statistical" keeps entries above a cutoff, not k '
-            'indices: use topk_mask or topk_activations.')
+            f'method="{method.name}" keeps entries above a cutoff, not k '
+            f'indices: use topk_mask or topk_activations.')
     return method
 
 
@@ -287,20 +401,11 @@ def _nan_rows(activations):
 
 
 def _select(x, k, method, recall_target, nan_rows):
-    """`topk_indices` of the operand `x` (checked, without gradient), with
-    the rows flagged in `nan_rows` (`[..., 1]`) set to NaN values at
-    indices `0..k-1`: `[..., k]`-sized selects only."""
-    if method == "exact":
-        values, indices = ops.top_k(x, k, sorted=True)
-    elif on_tpu():
-        if keras.backend.standardize_dtype(x.dtype) == "float64":
-            raise TypeError(
-                "approx_max_k supports float16, bfloat16 and float32 only: "
-                "cast the float64 input to float32."
-            )
-        values, indices = backend.approx_max_k(x, k, recall_target)
-    else:
-        values, indices = _binned_top_k(x, k, recall_target)
+    """`topk_indices` of the operand `x` (checked, without gradient) by
+    `method` (a `Method` that selects indices), with the rows flagged in
+    `nan_rows` (`[..., 1]`) set to NaN values at indices `0..k-1`:
+    `[..., k]`-sized selects only."""
+    values, indices = method.select(x, k, recall_target)
     values = ops.where(nan_rows, ops.cast(math.nan, values.dtype), values)
     indices = ops.where(nan_rows, ops.arange(k, dtype=indices.dtype),
                         indices)
@@ -357,6 +462,7 @@ def _leading_shape(x):
 
 def indices_to_mask(indices, n, dtype):
     """A `[..., n]` tensor of `dtype`: 1 at `indices` (`[..., k]`), else 0."""
+    indices = ops.convert_to_tensor(indices)
     return _scatter_rows(indices, ops.ones_like(indices, dtype), n)
 
 
@@ -452,7 +558,7 @@ def topk_mask(x, k, method="auto", recall_target=0.95):
     array([[3., 0., 0., 5.]], dtype=float32)
     """
     x, k = _check_operand(x, k)
-    if resolve_method(method) == "statistical":
+    if not resolve_method(method).selects_indices:
         return _above_cutoff(x, k)[0]
     method = _index_method(method, recall_target)
     activations = ops.relu(x)
@@ -475,9 +581,9 @@ def topk_activations(x, k, method="auto", recall_target=0.95):
     """
     x, k = _check_operand(x, k)
     validate_recall_target(recall_target)
-    if resolve_method(method) == "statistical":
+    if not resolve_method(method).selects_indices:
         activations, nan_rows = _above_cutoff(x, k)
-        method = "exact"
+        method = METHODS["exact"]  # the k largest of what passed
         selected = ops.stop_gradient(activations)
     else:
         method = _index_method(method, recall_target)
@@ -505,6 +611,8 @@ def sparse_mlp_product(values, indices, kernel):
     Returns:
       float `[..., d]`.
     """
+    values, indices, kernel = (ops.convert_to_tensor(t)
+                               for t in (values, indices, kernel))
     rows = ops.take(kernel, indices, axis=0)  # [..., k, d]
     return ops.squeeze(ops.matmul(values[..., None, :], rows), axis=-2)
 
@@ -515,6 +623,7 @@ def project(x, kernel, bias=None):
     Flattening first keeps the backward pass a plain matmul (an `einsum` over
     `...f,fd->...d` was seen here to build a [f, d, tokens] gradient).
     """
+    x, kernel = ops.convert_to_tensor(x), ops.convert_to_tensor(kernel)
     y = ops.matmul(ops.reshape(x, (-1, x.shape[-1])), kernel)
     if bias is not None:
         y = y + bias

@@ -4,17 +4,19 @@
 and names no model or dataset itself. Each declares what the trainer needs
 where it is defined:
 
-- a model (`register_model`): how it is built from `config.model` and the
-  data, its loss, its `compile` metrics and the evaluators that apply to it
-  (topk_sparse/evaluation.py registers `"vit"` and `"t5"`);
+- a model (`register_model`, in the model's own module: `"vit"` in
+  topk_sparse/models/vit.py, `"t5"` in topk_sparse/models/t5.py): how it
+  is built from `config.model` and the data, its loss, its `compile`
+  metrics (`classifier_metrics`, `token_metrics` or its own) and the
+  evaluators that apply to it;
 - a dataset (`register_dataset`): its loader and what a model needs to know
   of it, such as `num_classes` or `vocab_size` (topk_sparse/data/);
 - an evaluator (`register_evaluator`): when a config asks for it, what it
   checks before training, the callbacks it adds to `fit` and the report
   entries it measures after (topk_sparse/evaluation.py).
 
-Adding a model means one `register_model(...)` call, imported before
-training:
+Adding a model means one `register_model(...)` call in its module,
+imported before training (`topk_sparse.models` imports ViT's and T5's):
 
     registry.register_model(
         "my_model", build=lambda kwargs, data: MyModel(**kwargs, ...),
@@ -28,7 +30,7 @@ from typing import Callable, Optional
 
 import keras
 
-from topk_sparse import checks
+from topk_sparse import calibration, checks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,7 +40,11 @@ class Model:
     Attributes:
       build: `(kwargs, data) -> keras.Model`: `kwargs` is `config.model`
         as a dict without `name`, `data` the `DataSpec` of the training
-        stream.
+        stream. The model offers `sparse_mlps()`: its Top-k MLPs
+        (`SparseMLP` or `TopKActivation` layers) by name, in layer order,
+        which the trainer's report, callbacks, allocation and two-stage
+        scoring read; its `k` argument takes one int, None, a list in that
+        order or a mapping by those names.
       metrics: `() -> dict` of `compile` arguments (`metrics=[...]`,
         `weighted_metrics=[...]`), made fresh for each run.
       evaluators: names of the evaluators that apply to this model; a
@@ -51,6 +57,22 @@ class Model:
     evaluators: tuple = ()
     loss: Callable = lambda: keras.losses.SparseCategoricalCrossentropy(
         from_logits=True)
+
+
+def classifier_metrics():
+    """`compile` metrics of a classifier: accuracy, ECE and Brier score.
+    The loss is the negative log-likelihood: no metric repeats it."""
+    return {"metrics": [
+        keras.metrics.SparseCategoricalAccuracy(name="accuracy"),
+        calibration.ExpectedCalibrationError(from_logits=True),
+        calibration.BrierScore(from_logits=True)]}
+
+
+def token_metrics():
+    """`compile` metrics of a sequence model whose batches carry per-token
+    weights (0 on padding), which only `weighted_metrics` apply."""
+    return {"weighted_metrics": [keras.metrics.SparseCategoricalAccuracy(
+        name="token_accuracy")]}
 
 
 @dataclasses.dataclass(frozen=True)

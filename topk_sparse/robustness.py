@@ -6,7 +6,7 @@ This module measures both for a trained classifier (logits out):
 
 - `evaluate_corruptions(model, dataset)` corrupts a clean evaluation split
   on the fly (`topk_sparse.data.corruptions`) at each severity and measures
-  top-1 accuracy and expected calibration error (15 bins) on the clean and
+  top-1 accuracy and expected calibration error (`NUM_BINS`) on the clean and
   every corrupted pass. Batch `i` is corrupted with seed `(seed, i)`, so a
   run is reproducible, and the same noise is scaled across severities.
 - `evaluate_cifar10_c(model, batch_size)` does the same on the published
@@ -37,7 +37,7 @@ import numpy as np
 import tensorflow as tf
 
 from topk_sparse import backend, checks, sparsity
-from topk_sparse.calibration import ExpectedCalibrationError
+from topk_sparse.calibration import NUM_BINS, ExpectedCalibrationError
 from topk_sparse.data import corruptions as corruptions_lib
 from topk_sparse.data import images as images_lib
 
@@ -149,8 +149,8 @@ def _evaluate(model, passes, clean, corrupted):
 
 
 def evaluate_corruptions(model, dataset, corruptions=None,
-                         severities=corruptions_lib.SEVERITIES, num_bins=15,
-                         seed=0):
+                         severities=corruptions_lib.SEVERITIES,
+                         num_bins=NUM_BINS, seed=0):
     """Accuracy and ECE of `model` on `dataset`, clean and corrupted.
 
     Args:
@@ -192,8 +192,8 @@ def evaluate_corruptions(model, dataset, corruptions=None,
 
 
 def evaluate_cifar10_c(model, batch_size, data_dir=None, corruptions=None,
-                       severities=corruptions_lib.SEVERITIES, num_bins=15,
-                       image_size=None):
+                       severities=corruptions_lib.SEVERITIES,
+                       num_bins=NUM_BINS, image_size=None):
     """`evaluate_corruptions`' result on the published CIFAR-10-C records.
 
     Needs TFDS `cifar10` and each `cifar10_corrupted/<name>_<severity>`

@@ -34,12 +34,12 @@ Everything about it lives here; the layer only has a slot: a
 import contextlib
 
 import keras
+from keras import ops
 import numpy as np
 
-from topk_sparse import backend, checks, ops
+from topk_sparse import backend, checks
+from topk_sparse import ops as topk_ops
 from topk_sparse.sparsity import TopKRecall, metrics_restored
-
-kops = keras.ops
 
 
 def low_rank_factors(kernel, inputs, rank):
@@ -68,12 +68,12 @@ def low_rank_factors(kernel, inputs, rank):
     # The backend's solvers, not numpy's: beside TensorFlow's thread pool,
     # numpy's multi-threaded BLAS was seen here to take 3-7 s instead of
     # 0.3 s for one 512 x 2048 kernel (2 cores).
-    eigenvalues, eigenvectors = kops.eigh(inputs.T @ inputs / len(inputs))
-    root = eigenvectors * kops.sqrt(kops.maximum(eigenvalues, 0.0))
-    _, _, right = kops.svd(
-        kops.matmul(kops.transpose(root), kops.cast(kernel, root.dtype)),
+    eigenvalues, eigenvectors = ops.eigh(inputs.T @ inputs / len(inputs))
+    root = eigenvectors * ops.sqrt(ops.maximum(eigenvalues, 0.0))
+    _, _, right = ops.svd(
+        ops.matmul(ops.transpose(root), ops.cast(kernel, root.dtype)),
         full_matrices=False)
-    basis = np.asarray(kops.convert_to_numpy(right[:rank]), np.float64)
+    basis = np.asarray(ops.convert_to_numpy(right[:rank]), np.float64)
     return ((kernel @ basis.T).astype(np.float32), basis.astype(np.float32))
 
 
@@ -100,18 +100,18 @@ def two_stage_topk(x, k, candidates, factor, basis, kernel_rows, bias=None):
       `(values, indices)`, `[tokens, k]`: values after ReLU (differentiable
       with respect to `x` and `kernel_rows`), indices int32 into `n`.
     """
-    scores = kops.matmul(kops.matmul(x, factor), basis)
+    scores = ops.matmul(ops.matmul(x, factor), basis)
     if bias is not None:
         scores = scores + bias
-    _, chosen = kops.top_k(kops.stop_gradient(scores), candidates)
-    rows = kops.take(kernel_rows, chosen, axis=0)  # [tokens, candidates, d]
-    exact = kops.squeeze(kops.matmul(rows, x[..., None]), -1)
+    _, chosen = ops.top_k(ops.stop_gradient(scores), candidates)
+    rows = ops.take(kernel_rows, chosen, axis=0)  # [tokens, candidates, d]
+    exact = ops.squeeze(ops.matmul(rows, x[..., None]), -1)
     if bias is not None:
-        exact = exact + kops.take(bias, chosen, axis=0)
-    _, best = kops.top_k(kops.stop_gradient(exact), k)
-    values = kops.take_along_axis(exact, best, axis=1)
-    return (kops.relu(values),
-            kops.cast(kops.take_along_axis(chosen, best, axis=1), "int32"))
+        exact = exact + ops.take(bias, chosen, axis=0)
+    _, best = ops.top_k(ops.stop_gradient(exact), k)
+    values = ops.take_along_axis(exact, best, axis=1)
+    return (ops.relu(values),
+            ops.cast(ops.take_along_axis(chosen, best, axis=1), "int32"))
 
 
 class TwoStageScorer:
@@ -150,12 +150,12 @@ class TwoStageScorer:
         if not (mlp.gathers(inputs) and
                 mlp.reads_few_rows(inputs, self.candidates)):
             return None
-        flat = kops.reshape(inputs, (-1, inputs.shape[-1]))
+        flat = ops.reshape(inputs, (-1, inputs.shape[-1]))
         # No recall metric here: it would read all of W1 (measure_two_stage
         # measures it apart).
         values, indices = self.topk(flat, mlp.k, mlp.intermediate_bias)
-        shape = (*kops.shape(inputs)[:-1], mlp.k)
-        return kops.reshape(values, shape), kops.reshape(indices, shape)
+        shape = (*ops.shape(inputs)[:-1], mlp.k)
+        return ops.reshape(values, shape), ops.reshape(indices, shape)
 
 
 class _Recorder:
@@ -231,8 +231,8 @@ def calibrate_mlp(mlp, inputs, rank, candidates=None):
     Fits a rank-`rank` scorer of `W1` to `inputs` (the layer's inputs,
     `[..., d]`, e.g. from `recording_inputs`) and freezes a copy of `W1ᵀ`
     to rescore `candidates` neurons per token exactly. Used for calls where
-    tokens x `candidates` is at most `GATHER_MAX_SHARE` of `mlp_dim`; a
-    training call raises (the frozen copy would go stale: set
+    tokens x `candidates` is at most `topk_sparse.ops.GATHER_MAX_SHARE` of
+    `mlp_dim`; a training call raises (the frozen copy would go stale: set
     `mlp.scorer = None` first). Not saved with the model: calibrate again
     after loading (seconds). Measure what it costs in recall with
     `measure_two_stage` on held-out tokens: a low rank serves inputs that
@@ -265,25 +265,25 @@ def measure_two_stage(mlp, inputs, chunk=256):
     if not isinstance(scorer, TwoStageScorer):
         raise ValueError(f"SparseMLP {mlp.name!r} has no two-stage scorer: "
                          f"call calibrate_mlp first.")
-    tokens = kops.reshape(kops.cast(inputs, mlp.compute_dtype),
+    tokens = ops.reshape(ops.cast(inputs, mlp.compute_dtype),
                           (-1, scorer.kernel_rows.shape[-1]))
-    output_kernel = kops.cast(mlp.output_kernel, tokens.dtype)
+    output_kernel = ops.cast(mlp.output_kernel, tokens.dtype)
     bias = mlp.intermediate_bias
-    bias = None if bias is None else kops.cast(bias, tokens.dtype)
+    bias = None if bias is None else ops.cast(bias, tokens.dtype)
 
     def output(values, indices):
-        return kops.normalize(
-            ops.sparse_mlp_product(values, indices, output_kernel), -1)
+        return ops.normalize(
+            topk_ops.sparse_mlp_product(values, indices, output_kernel), -1)
 
     recall = TopKRecall(mlp.k, sample_tokens=chunk)
     cosines = []
     for start in range(0, tokens.shape[0], chunk):
         x = tokens[start:start + chunk]
         hidden = mlp.pre_activations(x)
-        exact = ops.topk_activations(hidden, mlp.k, "exact")
+        exact = topk_ops.topk_activations(hidden, mlp.k, "exact")
         two_stage = scorer.topk(x, mlp.k, bias)
         recall.update_from_topk(hidden, *two_stage)
-        cosines.append(kops.convert_to_numpy(kops.sum(
+        cosines.append(ops.convert_to_numpy(ops.sum(
             output(*exact) * output(*two_stage), -1)))
     return {"recall": float(recall.result()),
             "cosine": float(np.mean(np.concatenate(cosines)))}
@@ -332,7 +332,7 @@ def calibrate(model, batches, rank, candidates=None, held_out=None):
 def max_tokens(mlp):
     """The most tokens a call of `mlp` may have for its two-stage scorer to
     run (`SparseMLP.max_tokens` of the scorer's candidates): at most
-    `GATHER_MAX_SHARE` of `mlp_dim` rows of `W1ᵀ` are rescored per call. 0
+    `topk_sparse.ops.GATHER_MAX_SHARE` of `mlp_dim` rows of `W1ᵀ` are rescored per call. 0
     means never, e.g. with candidates above a sixth of `mlp_dim`: lower
     them for the scorer to serve decoding (1 token per sequence)."""
     return mlp.max_tokens(mlp.scorer.candidates)

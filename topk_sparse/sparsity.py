@@ -11,15 +11,18 @@ History, and callbacks read the layers' metrics instead of re-running the
 model. Layers with an approximate method (`"approx"`, `"statistical"`) also
 own a `TopKRecall`, `<layer>/topk_recall`.
 
-A layer's metrics keep their counts in the layer, as non-trainable weights
-(`owner=layer`): a call updates layer state, which every backend carries
-through a compiled step (on JAX, Keras passes a model's non-trainable
-variables in and out of `stateless_call`, but not its metrics' variables:
-keras-team/keras#21639). So the counts are right on both backends in
+A layer's metrics keep their counts in the layer, as non-trainable layer
+state (`owner=layer`) but not as weights (`MeasuredLayer`): a call updates
+layer state, which every backend carries through a compiled step (on JAX,
+Keras passes a model's non-trainable variables in and out of
+`stateless_call`, but not its metrics' variables: keras-team/keras#21639). So the counts are right on both backends in
 `fit`, `evaluate`, `predict`, `generate` and any stateless loop; only
 inside JAX's compiled train and test steps, where the layer state is not
 passed to the metrics, does `result()` read NaN (the per-batch progress
 bar); the epoch's logs and History are read after the step, exactly.
+The counts are not the model's parameters, so `weights`, weight lists,
+weights files and dtype policies leave them out: a dense model's weights
+load into a Top-k model of any method, and back.
 """
 
 import contextlib
@@ -250,6 +253,85 @@ def _tokens_without_nan(activations):
     return ops.logical_not(ops.isnan(ops.sum(activations, axis=1)))
 
 
+class MeasuredLayer(keras.layers.Layer):
+    """Base of the layers whose sparsity metrics keep their counts in them
+    (`owner=self`, see the module docstring).
+
+    The counts are layer state (`variables`, `non_trainable_variables`:
+    carried through JAX's stateless steps) but not weights: `weights`,
+    `get_weights` / `set_weights`, `save_weights` / `load_weights` and
+    `.keras` files hold the parameters only, so they move between a dense
+    layer and a Top-k one of any method, and a `"bfloat16"` policy sees no
+    float32 count among its weights. Files written while the counts were
+    weights (before 2026-12) hold them after the parameters: they load.
+    """
+
+    def _counts(self):
+        return {id(counter) for metric in self._metrics
+                if isinstance(metric, _Counts) for counter in metric.counters}
+
+    def _parameters(self):
+        counts = self._counts()
+        return [v for v in self._trainable_variables +
+                self._non_trainable_variables if id(v) not in counts]
+
+    @property
+    def weights(self):
+        counts = self._counts()
+        return [w for w in super().weights if id(w) not in counts]
+
+    def save_own_variables(self, store):
+        for i, variable in enumerate(self._parameters()):
+            store[f"{i}"] = variable
+
+    def load_own_variables(self, store):
+        parameters = self._parameters()
+        if len(store.keys()) < len(parameters):
+            raise ValueError(
+                f"Layer {self.name!r} has {len(parameters)} weights "
+                f"({[v.name for v in parameters]}), but the file holds "
+                f"{len(store.keys())} for it: load a file of a model of the "
+                f"same architecture.")
+        for i, variable in enumerate(parameters):
+            variable.assign(store[f"{i}"])
+
+
+NONZERO_SUFFIX = "/nonzero_fraction"
+"""A layer's `NonzeroFraction` is `<MLP name>/nonzero_fraction`, its key in
+`fit` logs."""
+
+
+def sparse_mlps(model):
+    """The model's Top-k MLPs by name, in layer order: the one answer to
+    "which MLPs does this model have" (the trainer's report, the callbacks,
+    `topk_sparse.allocation`).
+
+    `model.sparse_mlps()` where the model names them (`ViT`, `T5`, keras-hub
+    backbones from `integrations.keras_hub.sparsify`); else every
+    `SparseMLP` and `TopKActivation` of the model (yours), named by its
+    metric, `<name>/nonzero_fraction` (its layer name unless its
+    `metric_name` says otherwise).
+
+    Raises:
+      ValueError: two of the model's MLPs share a name.
+    """
+    if hasattr(model, "sparse_mlps"):
+        return model.sparse_mlps()
+    found = {}
+    for layer in model._flatten_layers(include_self=False):
+        if not isinstance(layer, MeasuredLayer):
+            continue
+        metric = layer.nonzero_fraction
+        name = layer.name if metric is None else \
+            metric.name.removesuffix(NONZERO_SUFFIX)
+        if name in found:
+            raise ValueError(
+                f"Two layers of model {model.name!r} are both named "
+                f"{name!r}: give them distinct names.")
+        found[name] = layer
+    return found
+
+
 def metric_state(layer):
     """Every variable of the metrics of `layer` (a model or a layer) and
     its sublayers: their own variables and the counts that layers keep for
@@ -258,13 +340,6 @@ def metric_state(layer):
                  *(v for m in layer.metrics if isinstance(m, _Counts)
                    for v in m.counters)]
     return list({id(v): v for v in variables}.values())
-
-
-def weights_without_counts(layer):
-    """`layer.weights` less the counts its layers keep for their metrics:
-    the weights that two models of one architecture, Top-k or not, share."""
-    counts = {id(v) for v in metric_state(layer)}
-    return [w for w in layer.weights if id(w) not in counts]
 
 
 @contextlib.contextmanager
@@ -283,3 +358,4 @@ def metrics_restored(model):
     finally:
         for variable, value in zip(variables, saved):
             variable.assign(value)
+

@@ -1,8 +1,15 @@
-"""absl-flag training binaries: `python -m trainers.vit`, `trainers.t5`.
+"""absl-flag training binaries: `python -m trainers.vit`, `trainers.t5`,
+`trainers.study`.
 
 Each has two flags, as in big_vision: `--config` (a configs/*.py file,
 locked, with fields overridable as `--config.model.k=32`) and `--workdir`.
 Everything else lives in the config; the work is `topk_sparse.training`.
+
+The package installs as `topk_sparse.trainers` (beside `configs/` as
+`topk_sparse.configs`), with the console scripts `topk-sparse-vit`,
+`topk-sparse-t5` and `topk-sparse-study`: an installed package runs the
+same binaries with the same flags, `python -m topk_sparse.trainers.vit`,
+and there `--config=configs/<file>` names the package's own config.
 """
 
 import contextlib
@@ -80,7 +87,7 @@ def run(model_name):
 
     # tf.distribute logs every all-reduce at INFO: keep the log readable.
     tf.get_logger().setLevel("WARNING")
-    app.run(main, flags_parser=_parse_flags)
+    app.run(main, flags_parser=parse_flags)
 
 
 def import_tensorflow():
@@ -95,12 +102,29 @@ def import_tensorflow():
     return tf
 
 
-def _parse_flags(argv):
+def parse_flags(argv):
+    """absl's flag parsing with one-line errors, `--config=configs/<file>`
+    resolved by `_packaged_config_arg`."""
+    argv = [_packaged_config_arg(item) for item in argv]
     with _clear_override_errors(argv):
         try:
             return flags.FLAGS(argv)
         except flags.Error as e:
             _fail(str(e))
+
+
+def _packaged_config_arg(item):
+    """`--config=configs/<file>[:arg]` as the package's own config file
+    where the working folder has no such file (an installed package, run
+    outside a checkout); any other argument as it is."""
+    flag, equals, spec = item.partition("=")
+    path, colon, arg = spec.partition(":")
+    packaged = os.path.join(CONFIGS, os.path.basename(path))
+    if (flag in ("--config", "-config") and equals
+            and os.path.dirname(path) == "configs"
+            and not os.path.exists(path) and os.path.exists(packaged)):
+        return f"{flag}={packaged}{colon}{arg}"
+    return item
 
 
 @contextlib.contextmanager
@@ -128,14 +152,14 @@ that shadows the installed one for Python started in that folder."""
 def default_workdir(config):
     """`<tmp>/topk_sparse-runs/<model>_<data>-<fingerprint>`: the
     fingerprint hashes what the config trains
-    (`training.config_fingerprint`), so a changed model, data or recipe key
+    (`workdir.config_fingerprint`), so a changed model, data or recipe key
     gets its own folder and a changed evaluation key does not."""
-    from topk_sparse import training
+    from topk_sparse.workdir import config_fingerprint
 
     return os.path.join(
         tempfile.gettempdir(), WORKDIR_ROOT,
         f"{config.model.name}_{config.data.name}-"
-        f"{training.config_fingerprint(config)}")
+        f"{config_fingerprint(config)}")
 
 
 def _config_file_message(argv, error):

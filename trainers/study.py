@@ -14,14 +14,15 @@ aggregate with `--config.train=False` once both have ended.
 
 import os
 
-import trainers  # first: quiets TensorFlow's C++ INFO lines
+# First: quiets TensorFlow's C++ INFO lines.
+from . import CONFIGS, import_tensorflow, parse_flags
 
 from absl import app
 from absl import flags
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", os.path.join(trainers.CONFIGS, "study.py"),
+    "config", os.path.join(CONFIGS, "study.py"),
     "Study config file, optionally with an argument: configs/study.py:quick.",
     lock_config=True)
 _WORKDIR = flags.DEFINE_string(
@@ -29,10 +30,10 @@ _WORKDIR = flags.DEFINE_string(
     required=True)
 
 
-def main(argv):
+def _main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    tf = trainers.import_tensorflow()
+    tf = import_tensorflow()
 
     from topk_sparse import study
 
@@ -46,5 +47,10 @@ def main(argv):
           flush=True)
 
 
+def main():
+    """The console script `topk-sparse-study`."""
+    app.run(_main, flags_parser=parse_flags)
+
+
 if __name__ == "__main__":
-    app.run(main)
+    main()

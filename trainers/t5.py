@@ -10,9 +10,15 @@ config (or `--workdir`) resumes a killed run; a workdir refuses a config
 other than its own.
 """
 
-import trainers
+from . import define_flags, run
 
-trainers.define_flags("t5_synthetic.py")
+define_flags("t5_synthetic.py")
+
+
+def main():
+    """The console script `topk-sparse-t5`."""
+    run("t5")
+
 
 if __name__ == "__main__":
-    trainers.run("t5")
+    main()

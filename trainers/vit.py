@@ -9,9 +9,15 @@ CPU). Starting it again with the same config (or `--workdir`) resumes a
 killed run; a workdir refuses a config other than its own.
 """
 
-import trainers
+from . import define_flags, run
 
-trainers.define_flags("vit_digits.py")
+define_flags("vit_digits.py")
+
+
+def main():
+    """The console script `topk-sparse-vit`."""
+    run("vit")
+
 
 if __name__ == "__main__":
-    trainers.run("vit")
+    main()

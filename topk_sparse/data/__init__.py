@@ -8,6 +8,8 @@ defined:
 - images (`topk_sparse.data.images`): `"digits"` (ships with scikit-learn),
   `"cifar10"`, `"imagenet2012"` (TFDS, prepared beforehand, never
   downloaded here); batches of `(images, labels)`.
+- random images (`topk_sparse.data.random_images`): `"random_images"`,
+  uniform noise with random labels (the study's claim 3).
 - text (`topk_sparse.data.text`): `"synthetic"` (generated in process),
   `"c4"` (TFDS span corruption over byte tokens), `"wmt"` (a TFDS
   translation pair over byte tokens, `wmt14_translate/de-en` by default);
@@ -18,7 +20,8 @@ import keras
 import numpy as np
 
 from topk_sparse import registry
-from topk_sparse.data import images, text  # noqa: F401 (they register)
+from topk_sparse.data import (  # noqa: F401 (they register)
+    images, random_images, text)
 
 
 def _entry(data_config):

@@ -31,11 +31,9 @@ import tensorflow as tf
 
 from topk_sparse import registry
 from topk_sparse.data.images import prepared_builder
-from topk_sparse.models.t5 import PAD_ID  # T5's padding and start id
+from topk_sparse.vocabulary import DECODER_START_ID, EOS_ID, PAD_ID
 
-EOS_ID = 1
-DECODER_START_ID = PAD_ID
-FIRST_CONTENT_ID = 2
+FIRST_CONTENT_ID = EOS_ID + 1  # synthetic tasks: every id after pad and EOS
 
 SYNTHETIC_TASKS = ("sort", "reverse", "copy")
 SYNTHETIC_VOCAB_SIZE = 32

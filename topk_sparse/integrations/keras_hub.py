@@ -51,7 +51,6 @@ without Top-k, the share of positive pre-activations).
 Importing this module imports keras-hub; `import topk_sparse` does not.
 """
 
-import collections.abc
 import dataclasses
 import re
 
@@ -68,12 +67,12 @@ from keras_hub.src.models.t5.t5_transformer_layer import T5TransformerLayer
 from keras_hub.src.models.vit.vit_backbone import ViTBackbone
 from keras_hub.src.models.vit.vit_layers import MLP as ViTMLP
 
-from topk_sparse import ops, sparsity
+from topk_sparse import ops as topk_ops
 from topk_sparse.layers import TopKActivation
+from topk_sparse.sparsity import NONZERO_SUFFIX
 from topk_sparse.models.common import k_config, k_per_mlp
 
 _PACKAGE = "topk_sparse"
-_METRIC_SUFFIX = "/nonzero_fraction"  # of `<MLP path>/nonzero_fraction`
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,11 +166,12 @@ def _install(backbone, site, k, method, recall_target):
             f"No {site.mlp.__name__} found in {type(backbone).__name__} "
             f"{backbone.name!r}: keras-hub changed where the MLPs live.")
     installed = []
-    for mlp, k in zip(mlps, k_per_mlp(k, [mlp.path for mlp in mlps])):
+    for mlp, k in zip(mlps, k_per_mlp(
+            k, {mlp.path: site.mlp_dim(mlp) for mlp in mlps}).values()):
         host, attribute = site.host(mlp)
         activation = TopKActivation(
             k, method, recall_target, activation=site.activation(mlp),
-            metric_name=mlp.path + _METRIC_SUFFIX,
+            metric_name=mlp.path + NONZERO_SUFFIX,
             dtype=host.dtype_policy,
             name=mlp.path.replace("/", "_") + "_topk")
         # Built here, outside any traced function, so that its metric
@@ -208,7 +208,7 @@ def _topk_backbone_class(base):
             """Each MLP's `TopKActivation` by MLP path, in depth order (as
             `topk_sparse.models.ViT.sparse_mlps`): the names `sparsify`'s
             `k` mapping and `topk_sparse.allocation` use."""
-            return {layer.metric_name.removesuffix(_METRIC_SUFFIX): layer
+            return {layer.metric_name.removesuffix(NONZERO_SUFFIX): layer
                     for layer in self.topk_activations}
 
     TopKBackbone.__name__ = TopKBackbone.__qualname__ = (
@@ -229,17 +229,6 @@ TopKGemma3Backbone = TOPK_BACKBONES[Gemma3Backbone]
 TopKGemma3nBackbone = TOPK_BACKBONES[Gemma3nBackbone]
 
 
-def _validated(k):
-    """`k` as a backbone's config keeps it, each value checked (the MLP
-    names and widths are checked when the MLPs are found)."""
-    values = k.values() if isinstance(k, collections.abc.Mapping) else \
-        k if isinstance(k, (list, tuple)) else [k]
-    for value in values:
-        if value is not None:
-            ops.validate_k(value)
-    return k_config(k)
-
-
 def sparsify(backbone, k, method="auto", recall_target=0.95):
     """A copy of a keras-hub backbone with Top-k MLPs, same weights.
 
@@ -252,7 +241,7 @@ def sparsify(backbone, k, method="auto", recall_target=0.95):
         fraction. Or one per MLP: a list in layer order, or a mapping by
         MLP path (the paths of its metrics' names, `<MLP path>/
         nonzero_fraction`; `topk_sparse.allocation.allocate` gives one).
-      method: str. One of `topk_sparse.ops.METHODS`. Defaults to "auto".
+      method: str. One of `topk_sparse.ops.METHOD_NAMES`. Defaults to "auto".
       recall_target: float in (0, 1]. Expected recall of `"approx"`.
         Defaults to 0.95.
 
@@ -285,12 +274,10 @@ def sparsify(backbone, k, method="auto", recall_target=0.95):
             "(topk_sparse.integrations.keras_hub.MODELS says where each "
             "one's MLP activation lives).")
     config = backbone.get_config()
-    config["topk"] = {"k": _validated(k),
-                      "method": ops.validate_method(method),
-                      "recall_target": ops.validate_recall_target(
+    config["topk"] = {"k": k_config(k),  # checked as the MLPs are found
+                      "method": topk_ops.validate_method(method),
+                      "recall_target": topk_ops.validate_recall_target(
                           recall_target)}
     sparse = TOPK_BACKBONES[base].from_config(config)
-    for weight, value in zip(sparsity.weights_without_counts(sparse),
-                             sparsity.weights_without_counts(backbone)):
-        weight.assign(value)
+    sparse.set_weights(backbone.get_weights())
     return sparse

@@ -20,13 +20,13 @@ trainable weights and never trains). This module gives the same Top-k, from
   with Top-k MLPs instead (`TopKEncoder`).
 
 Why an identifier and not a layer or a function (measured, tf-models-official
-2.20, tf_keras 2.20): a plain function (`ops.topk_mask`) trains but no save
-format reloads it ("Unknown activation function"). A `TopKActivation`
-instance trains and logs, but an encoder passes one instance to all its
-blocks (one metric for all, and one per block after a reload), and a
-`.keras` reload fails ("expected 2 variables, but received 0": the block
-holds the instance twice, as its argument and inside its `Activation`
-layer). The identifier (a legacy-format config dict) avoids both.
+2.20, tf_keras 2.20): a plain function (`topk_sparse.ops.topk_mask`) trains
+but no save format reloads it ("Unknown activation function"). A
+`TopKActivation` instance trains and logs, but an encoder passes one
+instance to all its blocks (one metric for all, and one per block after a
+reload), and a `.keras` reload fails ("expected 2 variables, but received
+0": the block holds the instance twice, as its argument and inside its
+`Activation` layer). The identifier (a legacy-format config dict) avoids both.
 
 Importing this module imports tf_keras and Model Garden; `import
 topk_sparse` imports neither.
@@ -48,8 +48,7 @@ import tf_keras
 from official.modeling import tf_utils
 from official.vision.modeling.backbones import vit
 
-from topk_sparse import ops
-from topk_sparse.layers import GATHER_MAX_SHARE, IMPLEMENTATIONS
+from topk_sparse import ops as topk_ops
 
 _PACKAGE = "topk_sparse"
 
@@ -63,7 +62,7 @@ def topk_activation(k, method="auto", recall_target=0.95):
     Args:
       k: int. Activations kept per token; must not exceed the block's
         `inner_dim` (checked when the block is built).
-      method: str. One of `topk_sparse.ops.METHODS`. Defaults to "auto".
+      method: str. One of `topk_sparse.ops.METHOD_NAMES`. Defaults to "auto".
       recall_target: float in (0, 1]. Expected recall of `"approx"`.
         Defaults to 0.95.
 
@@ -72,14 +71,15 @@ def topk_activation(k, method="auto", recall_target=0.95):
       (`{"class_name": "topk_sparse>TopKActivation", "config": {...}}`),
       which `tf_keras.activations.get` turns into a new layer wherever a
       block resolves its activation: one layer and one metric per block.
-      Not callable itself: call `TopKActivation(k)` or `ops.topk_mask`
-      directly.
+      Not callable itself: call `TopKActivation(k)` or
+      `topk_sparse.ops.topk_mask` directly.
 
     References:
       - Li et al., The Lazy Neuron Phenomenon, https://arxiv.org/abs/2210.06313
     """
-    config = {"k": ops.validate_k(k), "method": ops.validate_method(method),
-              "recall_target": ops.validate_recall_target(recall_target)}
+    config = {"k": topk_ops.validate_k(k),
+              "method": topk_ops.validate_method(method),
+              "recall_target": topk_ops.validate_recall_target(recall_target)}
     return {"class_name": f"{_PACKAGE}>TopKActivation", "config": config}
 
 
@@ -165,7 +165,7 @@ class TopKActivation(tf_keras.layers.Layer):
 
     Args:
       k: int. Activations kept per token, at most the last input dimension.
-      method: str. One of `topk_sparse.ops.METHODS`. Defaults to "auto".
+      method: str. One of `topk_sparse.ops.METHOD_NAMES`. Defaults to "auto".
       recall_target: float in (0, 1]. Expected recall of `"approx"`.
       track_sparsity: bool. Whether the layer keeps a `NonzeroFraction`
         metric (`layer.nonzero_fraction`), named `<block>/nonzero_fraction`
@@ -180,9 +180,9 @@ class TopKActivation(tf_keras.layers.Layer):
     def __init__(self, k, method="auto", recall_target=0.95,
                  track_sparsity=True, **kwargs):
         super().__init__(**kwargs)
-        self.k = ops.validate_k(k)
-        self.method = ops.validate_method(method)
-        self.recall_target = ops.validate_recall_target(recall_target)
+        self.k = topk_ops.validate_k(k)
+        self.method = topk_ops.validate_method(method)
+        self.recall_target = topk_ops.validate_recall_target(recall_target)
         self.track_sparsity = bool(track_sparsity)
         self.nonzero_fraction = None
 
@@ -192,15 +192,15 @@ class TopKActivation(tf_keras.layers.Layer):
             raise ValueError(
                 f"TopKActivation {self.name!r} needs a known last dimension, "
                 f"got input shape {input_shape}.")
-        ops.validate_k(self.k, mlp_dim)
+        topk_ops.validate_k(self.k, mlp_dim)
         if self.track_sparsity:
             self.nonzero_fraction = NonzeroFraction(
                 mlp_dim, name=_metric_name(self, owner_of_wrapped=True))
         super().build(input_shape)
 
     def call(self, inputs):
-        outputs = ops.topk_mask(inputs, self.k, self.method,
-                                self.recall_target)
+        outputs = topk_ops.topk_mask(inputs, self.k, self.method,
+                                     self.recall_target)
         if self.nonzero_fraction is not None:
             self.nonzero_fraction.update_state(outputs)
         return outputs
@@ -238,7 +238,7 @@ class TopKFeedforward(tf_keras.layers.Layer):
       method, recall_target: see `topk_activation`.
       implementation: "masked", "gather" or "auto" (gathers when the
         call's static token count times `k` is at most
-        `topk_sparse.layers.GATHER_MAX_SHARE` of `inner_dim`, never with
+        `topk_sparse.ops.GATHER_MAX_SHARE` of `inner_dim`, never with
         `"statistical"`), as in `SparseMLP`. Defaults to "auto".
       dropout: float. Dropout on the output. Defaults to 0.
       apply_output_layer_norm: bool. Add the input and apply a float32
@@ -274,18 +274,14 @@ class TopKFeedforward(tf_keras.layers.Layer):
                 "TopKFeedforward needs k: pass feedforward_cfg={'k': ...} "
                 "or the scaffold's inner_activation=topk_activation(k); got "
                 f"inner_activation={inner_activation!r}.")
-        if implementation not in IMPLEMENTATIONS:
-            raise ValueError(
-                f"Unknown implementation {implementation!r}: choose one of "
-                f"{IMPLEMENTATIONS}.")
         self.inner_dim = int(inner_dim)
-        self.k = ops.validate_k(k if k is not None else from_activation[0],
-                                self.inner_dim)
-        self.method = ops.validate_method(
+        self.k = topk_ops.validate_k(
+            k if k is not None else from_activation[0], self.inner_dim)
+        self.method = topk_ops.validate_method(
             method or from_activation[1] or "auto")
-        self.recall_target = ops.validate_recall_target(
+        self.recall_target = topk_ops.validate_recall_target(
             recall_target or from_activation[2] or 0.95)
-        self.implementation = implementation
+        self.implementation = topk_ops.validate_implementation(implementation)
         self.dropout = float(dropout)
         self.apply_output_layer_norm = bool(apply_output_layer_norm)
         self.norm_epsilon = float(norm_epsilon)
@@ -343,30 +339,28 @@ class TopKFeedforward(tf_keras.layers.Layer):
         super().build(input_shape)
 
     def gathers(self, inputs):
-        """Whether a call on `inputs` takes the gathered path (static)."""
-        if self.implementation != "auto":
-            return self.implementation == "gather"
-        if self.method == "statistical":  # its two paths differ past k
-            return False
-        tokens = inputs.shape[:-1].num_elements()
-        return (tokens is not None
-                and tokens * self.k <= GATHER_MAX_SHARE * self.inner_dim)
+        """Whether a call on `inputs` takes the gathered path (static:
+        `topk_sparse.ops.gathers`)."""
+        return topk_ops.gathers(
+            self.implementation, self.method, self.k,
+            inputs.shape[:-1].num_elements(), self.inner_dim)
 
     def call(self, inputs, training=None):
-        hidden = ops.project(inputs, self.intermediate_kernel,
+        hidden = topk_ops.project(inputs, self.intermediate_kernel,
                           self.intermediate_bias)
         if self.gathers(inputs):
-            values, indices = ops.topk_activations(
+            values, indices = topk_ops.topk_activations(
                 hidden, self.k, self.method, self.recall_target)
             kept = values
-            outputs = ops.sparse_mlp_product(values, indices,
-                                             self.output_kernel)
+            outputs = topk_ops.sparse_mlp_product(values, indices,
+                                                  self.output_kernel)
             if self.output_bias is not None:
                 outputs = outputs + self.output_bias
         else:
-            kept = ops.topk_mask(hidden, self.k, self.method,
-                                 self.recall_target)
-            outputs = ops.project(kept, self.output_kernel, self.output_bias)
+            kept = topk_ops.topk_mask(hidden, self.k, self.method,
+                                      self.recall_target)
+            outputs = topk_ops.project(kept, self.output_kernel,
+                                       self.output_bias)
         if self.nonzero_fraction is not None:
             self.nonzero_fraction.update_state(kept)
         outputs = self._output_dropout(outputs, training=training)
@@ -471,7 +465,7 @@ class TopKVisionTransformer(vit.VisionTransformer):
 
     def __init__(self, k, method="auto", recall_target=0.95, **kwargs):
         topk = topk_activation(k, method, recall_target)["config"]
-        ops.validate_k(k, kwargs.get("mlp_dim", 3072))
+        topk_ops.validate_k(k, kwargs.get("mlp_dim", 3072))
 
         def encoder(*args, **encoder_kwargs):
             return TopKEncoder(*args, **topk, **encoder_kwargs)

@@ -4,8 +4,9 @@
 `"encoder_block_<i>_mlp"` (ViT, T5 encoder) and `"decoder_block_<i>_mlp"`
 (T5 decoder), the name of its `fit` log key
 (`encoder_block_<i>_mlp/nonzero_fraction`), TensorBoard tags and report
-entries. The models depend on the layers only; the trainer registers them
-(`"vit"`, `"t5"`) in `topk_sparse.evaluation`.
+entries. The models depend on the layers and the vocabulary's ids only
+(never on `topk_sparse.data`); each registers itself with the trainer
+(`topk_sparse.registry`: `"vit"`, `"t5"`) in its own module.
 """
 
 from topk_sparse.models.t5 import (MAX_GENERATE_LENGTH, T5, T5_VARIANTS,

@@ -6,6 +6,7 @@ import collections.abc
 import keras
 
 from topk_sparse import checks
+from topk_sparse import ops as topk_ops
 
 
 def resolve_variant(table, variant, model, **explicit):
@@ -29,23 +30,33 @@ def resolve_variant(table, variant, model, **explicit):
             for name, value in resolved.items()}
 
 
-def k_per_mlp(k, names):
-    """Each MLP's `k`, in the order of `names` (the model's MLP layer names).
+def k_per_mlp(k, widths):
+    """Each MLP's `k`, checked: the one reading of a `k` argument, for our
+    models, keras-hub backbones and `topk_sparse.allocation`.
 
     Args:
       k: None or an int: the same for every MLP; a list or tuple with one
         value per MLP in layer order; or a mapping `{MLP name: k}` that
-        names every MLP. A value None is a dense ReLU MLP. Each value is
-        checked by its `SparseMLP`.
-      names: list of str. The MLPs' layer names, in layer order.
+        names every MLP. A value None is a dense ReLU MLP.
+      widths: `{MLP name: hidden width}`, in layer order.
 
     Returns:
-      A list of `len(names)` values.
+      `{MLP name: k or None}` in layer order, each `k` an int in
+      `[1, width]`.
 
     Raises:
       ValueError: a list of another length, a mapping with an unknown or a
-        missing name; the message lists the MLPs.
+        missing name (the message lists the MLPs), a value that is not an
+        int in `[1, width]`.
     """
+    names = list(widths)
+    values = dict(zip(names, _split(k, names)))
+    return {name: None if value is None else topk_ops.validate_k(
+        value, widths[name]) for name, value in values.items()}
+
+
+def _split(k, names):
+    """`k_per_mlp`'s values in the order of `names`, unchecked."""
     layers = ", ".join(names)
     if isinstance(k, collections.abc.Mapping):
         unknown = [name for name in k if name not in names]

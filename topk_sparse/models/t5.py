@@ -19,13 +19,12 @@ import keras
 from keras import ops
 import numpy as np
 
-from topk_sparse import backend, checks
+from topk_sparse import backend, checks, registry
 from topk_sparse.models import sampling
 from topk_sparse.models.common import (ArgumentsConfig, k_config,
                                        k_per_mlp, resolve_variant)
 from topk_sparse.models.transformer import TransformerBlock
-
-PAD_ID = 0
+from topk_sparse.vocabulary import DECODER_START_ID, PAD_ID
 """Padding in the encoder tokens, and the decoder's start id (T5's)."""
 
 # Raffel et al., arXiv 1910.10683, Sec. 3.1.1 and Sec. 3.7 ("Small", "Base",
@@ -263,8 +262,9 @@ class T5(ArgumentsConfig, keras.Model):
                                             dtype=dtype)
         names = {stack: [f"{stack}_block_{i}" for i in range(dims["depth"])]
                  for stack in ("encoder", "decoder")}
-        ks = iter(k_per_mlp(k, [f"{name}_mlp" for stack in names.values()
-                                for name in stack]))
+        ks = iter(k_per_mlp(k, {f"{name}_mlp": dims["mlp_dim"]
+                                for stack in names.values()
+                                for name in stack}).values())
         stacks = {}
         for stack in ("encoder", "decoder"):
             decoder = stack == "decoder"
@@ -448,7 +448,7 @@ class T5(ArgumentsConfig, keras.Model):
             return ops.logical_and(i < max_length,
                                    ops.logical_not(ops.all(done)))
 
-        start = ops.full((batch,), PAD_ID, "int32")
+        start = ops.full((batch,), DECODER_START_ID, "int32")
         _, tokens, *_ = backend.while_loop(
             running, step,
             (ops.convert_to_tensor(0, "int32"),
@@ -535,3 +535,9 @@ class T5(ArgumentsConfig, keras.Model):
         return {block.mlp.name: block.mlp
                 for block in (*self.encoder_blocks, *self.decoder_blocks)}
 
+
+registry.register_model(
+    "t5", metrics=registry.token_metrics,
+    build=lambda kwargs, data: T5(
+        **kwargs, vocab_size=data.features["vocab_size"]),
+    evaluators=("exact_match", "two_stage", "allocation"))

@@ -164,7 +164,7 @@ class TransformerBlock(keras.layers.Layer):
       mlp_dim: int. Hidden width of the MLP (T5 calls it `d_ff`).
       k: int or None. MLP activations kept per token; None is the dense ReLU
         MLP. Defaults to None.
-      method: str. Top-k method, one of `topk_sparse.ops.METHODS`, see
+      method: str. Top-k method, one of `topk_sparse.ops.METHOD_NAMES`, see
         `topk_sparse.TopKActivation`. Defaults to "auto".
       recall_target: float in (0, 1]. Expected recall of `"approx"`.
         Defaults to 0.95.

@@ -10,6 +10,7 @@ paper's ViT, arXiv 2210.06313) rather than the original GELU, so that
 import keras
 from keras import ops
 
+from topk_sparse import registry
 from topk_sparse.models.common import (ArgumentsConfig, k_config,
                                        k_per_mlp, resolve_variant)
 from topk_sparse.models.transformer import TransformerBlock
@@ -159,8 +160,8 @@ class ViT(ArgumentsConfig, keras.Model):
                 k=block_k, method=method, recall_target=recall_target,
                 implementation=implementation, dropout_rate=dropout_rate,
                 name=name, dtype=dtype)
-            for name, block_k in zip(names, k_per_mlp(
-                k, [f"{name}_mlp" for name in names]))]
+            for name, block_k in zip(names, k_per_mlp(k, {
+                f"{name}_mlp": dims["mlp_dim"] for name in names}).values())]
         self.encoder_norm = keras.layers.LayerNormalization(
             epsilon=1e-6, name="encoder_norm", dtype=dtype)
         self.head = keras.layers.Dense(num_classes, name="head", dtype=dtype)
@@ -193,3 +194,15 @@ class ViT(ArgumentsConfig, keras.Model):
         report entries."""
         return {block.mlp.name: block.mlp for block in self.blocks}
 
+
+def _from_data(kwargs, data):
+    """A ViT sized by its data: `(images, labels)` batches."""
+    _, height, _, channels = data.element_spec[0].shape
+    return ViT(**kwargs, image_size=height, channels=channels,
+               num_classes=data.features["num_classes"])
+
+
+registry.register_model(
+    "vit", build=_from_data, metrics=registry.classifier_metrics,
+    evaluators=("calibration", "corruptions", "cifar10_corrupted",
+                "two_stage", "allocation"))
