@@ -70,7 +70,7 @@ setup(
         # tensorflow-text (a keras-hub requirement) pinned to 2.20, else
         # it brings TensorFlow 2.21. keras-hub: the tested release (the
         # integration reaches into its model layers).
-        "hub": ["keras-hub~=0.32.0", "tensorflow-text~=2.20.0"],
+        "hub": ["keras-hub[grain]~=0.32.0", "tensorflow-text~=2.20.0"],
     },
     license="Apache-2.0",
 )

@@ -74,7 +74,7 @@ def compiled_call(layer, mode):
     """`x -> layer(x)` of a built layer, run as `mode` says, its weights
     and metrics updated as an eager call would."""
     return compiled_with_state(
-        layer, [*layer.weights, *layer.metrics_variables], mode)
+        layer, [*layer.variables, *layer.metrics_variables], mode)
 
 
 def with_unknown_dims(f, shape):

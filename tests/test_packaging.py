@@ -8,6 +8,7 @@ notebooks import without a checkout) and the training binaries (as
 """
 
 import importlib.util
+import json
 import os
 import pathlib
 import site
@@ -49,8 +50,11 @@ def test_wheel_carries_library_configs_and_trainers(wheel):
 def test_an_installed_wheel_runs_the_binaries(wheel, tmp_path):
     """In a fresh venv holding the wheel (its dependencies are this
     environment's, seen through a path file, not its editable install),
-    outside a checkout: the console scripts and `python -m` train, and
-    `--config=configs/<file>` names the package's config."""
+    outside a checkout: the console scripts and `python -m` train (the
+    runlocal T5 with every evaluation, checked as tests/runs.py checks
+    it), and `--config=configs/<file>` names the package's config."""
+    from tests.runs import T5_EVALUATIONS, check_t5_run, flags, t5_config
+
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     (purelib,) = venv.glob("lib/python*/site-packages")
@@ -64,15 +68,20 @@ def test_an_installed_wheel_runs_the_binaries(wheel, tmp_path):
          "import topk_sparse.trainers as t; print(t.__file__)"],
         check=True, cwd=tmp_path, env=env, capture_output=True, text=True)
     assert where.stdout.startswith(str(purelib)), where.stdout
-    subprocess.run(
-        [str(venv / "bin" / "topk-sparse-vit"),
-         "--config=configs/vit_digits.py:runlocal",
-         f"--workdir={tmp_path / 'vit'}"],
-        check=True, cwd=tmp_path, env=env, timeout=600)
-    assert (tmp_path / "vit" / "report.json").exists()
+    workdir = tmp_path / "t5"
+    trained = subprocess.run(
+        [str(venv / "bin" / "topk-sparse-t5"),
+         "--config=configs/t5_synthetic.py:runlocal", *flags(T5_EVALUATIONS),
+         f"--workdir={workdir}"], cwd=tmp_path, env=env, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=600)
+    assert trained.returncode == 0, trained.stdout
+    assert "DefaultDistributionStrategy x1" in trained.stdout
+    assert "k allocated per MLP at mean k 48" in trained.stdout
+    with open(workdir / "report.json") as f:
+        check_t5_run(str(workdir), t5_config("cpu"), json.load(f))
     refused = subprocess.run(
-        [str(venv / "bin" / "python"), "-m", "topk_sparse.trainers.t5",
-         "--config=configs/t5_synthetic.py:runlocal", "--config.model.kk=1"],
+        [str(venv / "bin" / "python"), "-m", "topk_sparse.trainers.vit",
+         "--config=configs/vit_digits.py:runlocal", "--config.model.kk=1"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert refused.returncode == 1
     assert "Unknown config key 'kk'" in refused.stderr, refused.stderr

@@ -1,6 +1,6 @@
 """Top-k in keras-hub backbones: topk_sparse.integrations.keras_hub.
 
-Runs in the environment of `pip install -e ".[hub]"` (see
+Runs in the environment of `pip install -e ".[garden,hub,jax]"` (see
 `.ci/integrations.sh`), on tiny random-weight backbones: no preset is
 downloaded.
 """
@@ -323,7 +323,9 @@ def test_gemma3n_topk_replaces_its_gaussian_topk():
 # keras_hub/src/models/t5/t5_backbone_test.py, vit/vit_backbone_test.py
 # and gemma/gemma_backbone_test.py (GitHub keras-team/keras-hub at
 # 71453d0, 0.32.0.dev0, whose backbones are 0.32.0's: neither 0.32.0's
-# wheel nor its sdist ships tests).
+# wheel nor its sdist ships tests). The inputs are Keras tensors, as there:
+# given NumPy arrays, the harness's `compute_output_spec` passes ViT's
+# patch embedding no input shape (a TypeError, Top-k or not).
 # name: (backbone class, init kwargs, input data, expected output shape)
 HUB_TESTS = {
     "t5": (keras_hub.models.T5Backbone,
@@ -357,8 +359,9 @@ HUB_K = 2  # below every MLP width there: T5's is 4
 def harness():
     """keras-hub's test harness (`keras_hub.src.tests.test_case.TestCase`,
     a `tf.test.TestCase`), run by hand as a helper object. Imported here,
-    not at the top: keras-hub 0.32's imports grain (keras-hub's `grain`
-    extra), so an environment without it fails these tests only."""
+    not at the top: keras-hub 0.32's imports grain (the `hub` extra
+    installs keras-hub's `grain` extra for it), so an environment without
+    it fails these tests only."""
     from keras_hub.src.tests.test_case import TestCase
     case = TestCase()
     case.setUp()
@@ -370,8 +373,11 @@ def harness():
 # keras-hub 0.32's T5 attention masks with -1e9, beyond float16's range
 # (mixed_float16: a warning, the same without Top-k).
 @pytest.mark.filterwarnings("ignore:overflow encountered in cast")
-@pytest.mark.parametrize("k", [HUB_K, None])
-@pytest.mark.parametrize("name", sorted(HUB_TESTS))
+# Every backbone at k=2; k=None (measuring only, the same counts) on the
+# cheapest: it failed the same precision check before the counts left the
+# weights.
+@pytest.mark.parametrize("name, k", [
+    *((name, HUB_K) for name in sorted(HUB_TESTS)), ("gemma", None)])
 def test_keras_hub_backbone_checks_pass_sparse(harness, name, k):
     """keras-hub's own backbone checks, in full, on what `sparsify` gives:
     config and serialization round trips, eager, variable-length and
