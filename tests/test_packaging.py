@@ -103,6 +103,11 @@ def test_readme_starts_with_the_main_job_then_the_tests():
     assert tests.split("&&")[2].split()[-1] == "tests"
 
 
+def test_readme_is_a_five_minute_read():
+    """Details live in CONTRIBUTING.md, benchmarks/ and results/."""
+    assert len((ROOT / "README.md").read_text().splitlines()) <= 250
+
+
 def test_ci_runs_the_readme_commands_in_order():
     ci = (ROOT / ".ci" / "run").read_text()
     first = ci.index('bash -c "$main_job"')

@@ -31,7 +31,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from topk_sparse import checks
+from topk_sparse import checks, sparsity
 
 LATEST = "state.weights.h5"
 PREVIOUS = "previous.weights.h5"
@@ -41,9 +41,10 @@ _GROUP = "topk_sparse"
 
 def _other_state(model):
     """The model's variables that `save_weights` leaves out (dropout seed
-    generators), in a fixed order."""
-    weights = {id(v) for v in model.weights}
-    return [v for v in model.variables if id(v) not in weights]
+    generators), in a fixed order; not the sparsity metrics' counts, which
+    `fit` resets at every epoch."""
+    saved = {id(v) for v in (*model.weights, *sparsity.metric_state(model))}
+    return [v for v in model.variables if id(v) not in saved]
 
 
 def save(model, directory, progress):

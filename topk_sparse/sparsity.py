@@ -15,11 +15,12 @@ A layer's metrics keep their counts in the layer, as non-trainable layer
 state (`owner=layer`) but not as weights (`MeasuredLayer`): a call updates
 layer state, which every backend carries through a compiled step (on JAX,
 Keras passes a model's non-trainable variables in and out of
-`stateless_call`, but not its metrics' variables: keras-team/keras#21639). So the counts are right on both backends in
-`fit`, `evaluate`, `predict`, `generate` and any stateless loop; only
-inside JAX's compiled train and test steps, where the layer state is not
-passed to the metrics, does `result()` read NaN (the per-batch progress
-bar); the epoch's logs and History are read after the step, exactly.
+`stateless_call`, but not its metrics' variables: keras-team/keras#21639).
+So the counts are right on both backends in `fit`, `evaluate`, `predict`,
+`generate` and any stateless loop; only inside JAX's compiled train and
+test steps, where the layer state is not passed to the metrics, does
+`result()` read NaN (the per-batch progress bar); the epoch's logs and
+History are read after the step, exactly.
 The counts are not the model's parameters, so `weights`, weight lists,
 weights files and dtype policies leave them out: a dense model's weights
 load into a Top-k model of any method, and back.
@@ -358,4 +359,3 @@ def metrics_restored(model):
     finally:
         for variable, value in zip(variables, saved):
             variable.assign(value)
-
