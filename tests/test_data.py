@@ -7,7 +7,7 @@ import tensorflow as tf
 
 from tests.mock_tfds import mocked_tfds
 from topk_sparse import data
-from topk_sparse.data import images, text
+from topk_sparse.data import images, random_images, text
 
 
 def _first(ds):
@@ -233,3 +233,14 @@ def test_noise_mask_counts():
     assert len(starts) == 5
     with pytest.raises(ValueError, match="sentinels"):
         text._noise_counts(10_000, 0.5, 3)
+
+
+def test_random_images_are_noise_with_random_labels():
+    load = random_images.load_random_images
+    ds, n = load("train", 8, train=True, seed=3, image_size=6, channels=1,
+                 num_examples=20)
+    x, y = next(iter(ds))
+    assert n == 20 and x.shape == (8, 6, 6, 1) and y.shape == (8,)
+    assert 0 <= float(np.min(x)) and float(np.max(x)) <= 1
+    test_ds, test_n = load("test", 4, train=False, num_examples=20)
+    assert test_n == 5 and sum(len(b[1]) for b in test_ds) == 5

@@ -11,7 +11,6 @@ from scipy import stats
 
 from topk_sparse.configs import study as study_config
 from topk_sparse import study, training
-from topk_sparse.data import random_images
 from topk_sparse.study import runner
 from topk_sparse.workdir import config_fingerprint, write_json
 
@@ -41,17 +40,6 @@ def test_interval_is_the_t_interval():
 def test_verdicts(low, high, test, expected):
     stat = {"mean": 0.0, "low": low, "high": high, "n": 2}
     assert study.verdict(stat, test) == expected
-
-
-def test_random_images_are_noise_with_random_labels():
-    load = random_images.load_random_images
-    ds, n = load("train", 8, train=True, seed=3, image_size=6, channels=1,
-                 num_examples=20)
-    x, y = next(iter(ds))
-    assert n == 20 and x.shape == (8, 6, 6, 1) and y.shape == (8,)
-    assert 0 <= float(np.min(x)) and float(np.max(x)) <= 1
-    test_ds, test_n = load("test", 4, train=False, num_examples=20)
-    assert test_n == 5 and sum(len(b[1]) for b in test_ds) == 5
 
 
 def test_the_full_grid_shares_cells_and_orders_its_runs():

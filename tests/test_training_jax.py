@@ -1,5 +1,6 @@
 """The trainers on the JAX backend: keras.distribution behind the strategy
-names, the runlocal ViT and T5 runs with every evaluation, the study.
+names, the runlocal ViT and T5 runs with every evaluation, the study's
+allocation part.
 
 Runs in the JAX pass only (`conftest.JAX_ONLY`), over the two logical CPU
 devices the conftest makes; kill and resume on JAX: test_checkpoint.py.
@@ -71,16 +72,21 @@ def test_the_binary_runs_its_default_config_data_parallel(tmp_path):
 
 
 @pytest.mark.slow
-def test_the_quick_study_on_one_seed(tmp_path):
-    # The whole quick grid, one seed per cell (two: tests/test_study.py).
-    config = study_config.get_config("quick")
+def test_the_quick_study_allocation_part_on_one_seed(tmp_path):
+    # The study on JAX: its allocation part (dense runs with their step-0
+    # sparsity and allocation evaluation, fine-tunings from them with
+    # init_from and k "auto:<mean k>"), one seed per cell. The claims
+    # part's cells are trainings with other data and labels, trained on
+    # JAX above; both parts, two seeds: tests/test_study.py.
+    config = study_config.get_config("quick,parts=allocation")
     config.seeds = config.claim4_seeds = 1
     summary = study.run(config, str(tmp_path), log=lambda _: None)
     runs, _ = study.grid(config, str(tmp_path))
     assert summary["grid"]["runs"] == len(runs) == len(summary["runs"])
     assert {r["report"]["backend"] for r in summary["runs"]} == {"jax"}
-    for claim in ("claim1", "claim2", "claim3", "claim4", "allocation"):
-        assert summary["claims"][claim]
-    for name in study.FIGURES:
+    assert list(summary["claims"]) == ["allocation"]
+    assert summary["claims"]["allocation"]
+    assert any(r["report"].get("auto_k") for r in summary["runs"])
+    for name in study.figures_of(summary):
         with open(os.path.join(tmp_path, name), "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"

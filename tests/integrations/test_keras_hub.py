@@ -1,6 +1,6 @@
 """Top-k in keras-hub backbones: topk_sparse.integrations.keras_hub.
 
-Runs in the environment of `pip install -e ".[garden,hub,jax]"` (see
+Runs in the environment of `pip install -e ".[hub,jax]"` (see
 `.ci/integrations.sh`), on tiny random-weight backbones: no preset is
 downloaded.
 """

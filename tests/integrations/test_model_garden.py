@@ -1,6 +1,6 @@
 """Top-k in TensorFlow Model Garden (tf_keras): topk_sparse.integrations.
 
-Runs in the environment of `pip install -e ".[garden,hub,jax]"` (see
+Runs in the environment of `pip install -e ".[garden]"` (see
 `.ci/integrations.sh`), on tiny random-weight models.
 """
 
