@@ -46,16 +46,3 @@ else:
         name for name in os.listdir(os.path.dirname(__file__))
         if name.startswith("test_") and name.endswith(".py")
         and name not in BACKEND_NEUTRAL + JAX_ONLY)
-
-
-def pytest_collection_modifyitems(items):
-    """The longest tests first: the notebooks (1-3 min each), then the
-    other slow ones, then the rest, each in file order. pytest-xdist hands
-    tests out in this order (`--dist loadgroup` puts groups such as the
-    quick study before single tests), so the two workers end together:
-    with the notebooks and trainings late in the alphabet, one worker ran
-    them alone while the other sat idle."""
-    def rank(item):
-        slow = item.get_closest_marker("slow") is not None
-        return (not slow, item.path.name != "test_notebooks.py")
-    items.sort(key=rank)
