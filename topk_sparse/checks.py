@@ -5,6 +5,7 @@ integer array), never a `bool` or a float, and is returned as a Python
 `int`, so that configs and layer configs serialize it plainly.
 """
 
+import contextlib
 import numbers
 
 import numpy as np
@@ -13,6 +14,18 @@ import numpy as np
 class ConfigError(ValueError):
     """A training config that cannot run, said in one line; the trainer
     binaries print it without a traceback."""
+
+
+@contextlib.contextmanager
+def config_errors(section):
+    """Reports a `ValueError` or `TypeError` raised while reading `section`
+    of a config as a `ConfigError` naming it."""
+    try:
+        yield
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"{section}: {e}") from e
 
 
 def is_number(value):

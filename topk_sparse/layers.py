@@ -100,7 +100,7 @@ class TopKActivation(MeasuredLayer):
 
     Example:
     >>> layer = TopKActivation(k=2)
-    >>> ops.convert_to_numpy(
+    >>> keras.ops.convert_to_numpy(
     ...     layer(np.array([[3.0, -1.0, 2.0, 5.0]], "float32")))
     array([[3., 0., 0., 5.]], dtype=float32)
 

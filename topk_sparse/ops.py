@@ -330,7 +330,8 @@ def _check_operand(x, k):
             f"Top-k needs floating-point activations, got dtype {dtype}: "
             f"cast the input to float32 or bfloat16."
         )
-    if _rank(x) is None or _rank(x) < 1:
+    rank = _rank(x)
+    if rank is None or rank < 1:
         raise ValueError(
             f"Top-k needs an input of rank >= 1 with a known last dimension, "
             f"got shape {x.shape}."

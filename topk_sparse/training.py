@@ -20,7 +20,6 @@ What the workdir holds, and how it refuses another config's run:
 `configs/vit_digits.py` for every key.
 """
 
-import contextlib
 import dataclasses
 import math
 import os
@@ -94,7 +93,7 @@ def train(config, workdir, strategy=None):
     keras.utils.set_random_seed(config.seed)  # as if it had not run here
 
     # === Input pipeline ===
-    with _config_errors("config.data"):
+    with checks.config_errors("config.data"):
         train_data, num_train = data.load(
             config.data, "train", config.batch_size, train=True,
             seed=config.seed)
@@ -119,7 +118,7 @@ def train(config, workdir, strategy=None):
             del model_kwargs["name"]
 
             def build(**changes):
-                with _config_errors("config.model"):
+                with checks.config_errors("config.model"):
                     model = spec.build({**model_kwargs, **changes},
                                        registry.DataSpec(
                                            train_data.element_spec,
@@ -141,7 +140,7 @@ def train(config, workdir, strategy=None):
         run = Run(config, model, train_data, eval_data, workdir)
         for evaluator in evaluators.values():  # fail now, not after training
             if evaluator.check:
-                with _config_errors("config.eval"):
+                with checks.config_errors("config.eval"):
                     evaluator.check(run)
 
         # === Backup ===
@@ -257,18 +256,6 @@ def train(config, workdir, strategy=None):
         print(format_report(report, workdir), flush=True)
     model.save(os.path.join(workdir, "model.keras"))
     return report
-
-
-@contextlib.contextmanager
-def _config_errors(section):
-    """Reports a `ValueError` raised while reading `section` as a
-    `ConfigError` naming it."""
-    try:
-        yield
-    except checks.ConfigError:
-        raise
-    except (ValueError, TypeError) as e:
-        raise checks.ConfigError(f"{section}: {e}") from e
 
 
 def _evaluators(config, spec):

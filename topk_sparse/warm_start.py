@@ -192,12 +192,10 @@ def _allocated_k(config, source, model, workdir, budget):
         # allocation.json, would not.
         examples, _ = data.load(config.data, "train", config.batch_size,
                                 train=True, seed=config.seed)
-        try:
+        with checks.config_errors("config.model.k"):
             chosen = allocation.allocate(
                 model, data.first_inputs(examples, settings.examples),
                 budget, settings.step, settings.by)
-        except (ValueError, TypeError) as e:  # a budget the MLPs cannot take
-            raise checks.ConfigError(f"config.model.k: {e}") from e
         allocated = {"mean_k": chosen.mean_k, "k": chosen.k,
                      "distance": chosen.distance, **how}
     workdir_lib.write_json(path, allocated)
